@@ -1,0 +1,256 @@
+"""Tests for the piwork example workload.
+
+Most tests run the real program as ``python -m piwork`` in a subprocess, because what
+matters is the behaviour people and vesta see: worker processes started with "spawn",
+the affinity mask honoured, output format, exit codes and Ctrl-C handling. A few pure
+helpers are also checked in-process, where that is cheaper and more precise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from piwork import Estimate, split_samples
+from piwork.__main__ import format_report, main, parse_millions
+
+PROJECT = "/work/main"
+SMALL_N = "0.2"  # 200,000 samples: a fraction of a second, yet a stable estimate.
+# Standard deviation of the estimate at 200,000 samples is about 0.0037, so 0.025 is
+# roughly seven sigma: a correct program essentially never fails, a broken one does.
+TOLERANCE = 0.025
+JSON_KEYS = {"pi", "samples", "seconds", "cores", "host"}
+
+
+def run_piwork(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m piwork ARGS`` (optionally under a wrapper like taskset) to completion."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "piwork", *args],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+def run_json(*args: str, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run piwork with ``--json``, check it succeeded, and return the decoded object."""
+    proc = run_piwork("--json", *args, prefix=prefix)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.timeout(60)
+def test_json_estimate_is_close_to_pi_and_complete() -> None:
+    result = run_json(SMALL_N)
+    assert set(result) == JSON_KEYS
+    assert abs(result["pi"] - math.pi) < TOLERANCE
+    assert result["samples"] == 200_000
+    assert isinstance(result["seconds"], float) and result["seconds"] > 0
+    assert result["host"] == socket.gethostname()
+
+
+@pytest.mark.timeout(60)
+def test_cores_match_affinity() -> None:
+    result = run_json(SMALL_N)
+    assert result["cores"] == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset binary not installed")
+def test_taskset_single_core_reports_one_core() -> None:
+    # Pin to a CPU we are actually allowed on; CPU 0 may be outside a container's cpuset.
+    cpu = min(os.sched_getaffinity(0))
+    result = run_json("--seed", "1", SMALL_N, prefix=("taskset", "-c", str(cpu)))
+    assert result["cores"] == 1
+    assert result["samples"] == 200_000
+    assert abs(result["pi"] - math.pi) < TOLERANCE
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("n", "samples"),
+    [("0.2", 200_000), ("0.000003", 3), ("0.100001", 100_001), ("1", 1_000_000)],
+)
+def test_sample_count_is_exact(n: str, samples: int) -> None:
+    # Odd counts check that the remainder after splitting across cores is not lost.
+    assert run_json("--seed", "3", n)["samples"] == samples
+
+
+@pytest.mark.timeout(60)
+def test_seed_is_reproducible_and_matters() -> None:
+    first = run_json("--seed", "42", SMALL_N)
+    second = run_json("--seed", "42", SMALL_N)
+    other = run_json("--seed", "43", SMALL_N)
+    assert first["pi"] == second["pi"]
+    # Deterministic: these two seeds are known to give different hit counts.
+    assert other["pi"] != first["pi"]
+    assert abs(first["pi"] - math.pi) < TOLERANCE
+
+
+@pytest.mark.timeout(60)
+def test_human_report_format() -> None:
+    proc = run_piwork("--seed", "5", SMALL_N)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["pi", "samples", "seconds", "cores", "host"]
+    # Values start in one column, so the report reads as a table.
+    columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}
+    assert len(columns) == 1
+    fields = dict(line.split(maxsplit=1) for line in lines)
+    assert abs(float(fields["pi"]) - math.pi) < TOLERANCE
+    assert fields["samples"] == "200,000"
+    assert float(fields["seconds"]) >= 0
+    assert int(fields["cores"]) == len(os.sched_getaffinity(0))
+    assert fields["host"] == socket.gethostname()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="missing-N"),
+        pytest.param(["abc"], id="not-a-number"),
+        pytest.param(["0"], id="zero"),
+        pytest.param(["-1"], id="negative"),
+        pytest.param(["-0.5"], id="negative-decimal"),
+        pytest.param(["nan"], id="nan"),
+        pytest.param(["inf"], id="inf"),
+        pytest.param(["0.0000001"], id="fraction-of-a-sample"),
+        pytest.param(["--bogus", "1"], id="unknown-flag"),
+        pytest.param(["--seed", "x", "1"], id="bad-seed"),
+        pytest.param(["1", "2"], id="extra-argument"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_error(args: list[str]) -> None:
+    proc = run_piwork(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "usage: piwork" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_help_exits_0() -> None:
+    proc = run_piwork("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: piwork")
+    assert "--seed" in proc.stdout and "--json" in proc.stdout
+
+
+def _worker_pids(parent_pid: int) -> set[int]:
+    """PIDs of spawned multiprocessing workers (not the resource tracker) under a parent."""
+    pids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue  # the process went away while we looked
+        if ppid == parent_pid and b"spawn_main" in cmdline:
+            pids.add(int(entry))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != b"Z"
+
+
+def _restore_sigint() -> None:
+    """Child pre-exec hook: undo an inherited SIG_IGN (e.g. from a background shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_workers_and_exits_130() -> None:
+    cores = len(os.sched_getaffinity(0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "piwork", "1000"],  # far longer than the test may run
+        cwd=PROJECT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # own process group, so we can Ctrl-C it like a terminal
+        preexec_fn=_restore_sigint,
+    )
+    try:
+        # Wait (bounded, polling) until all workers are running, then send SIGINT to the
+        # whole process group, as a terminal does on Ctrl-C.
+        deadline = time.monotonic() + 30
+        workers: set[int] = set()
+        while len(workers) < cores:
+            assert proc.poll() is None, "piwork exited before its workers started"
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.02)
+            workers = _worker_pids(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    assert proc.returncode == 130
+    assert out == ""
+    assert "interrupted" in err
+    assert "Traceback" not in err  # workers ignored SIGINT instead of dying noisily
+    assert not [pid for pid in workers if _alive(pid)]
+
+
+@pytest.mark.parametrize(("total", "parts"), [(0, 1), (7, 1), (7, 2), (10, 3), (1_000_001, 4)])
+def test_split_samples_is_exact_and_even(total: int, parts: int) -> None:
+    shares = split_samples(total, parts)
+    assert len(shares) == parts
+    assert sum(shares) == total
+    assert max(shares) - min(shares) <= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "samples"), [("0.2", 200_000), ("0.5", 500_000), ("3", 3_000_000), ("1e-6", 1)]
+)
+def test_parse_millions_is_exact(text: str, samples: int) -> None:
+    assert parse_millions(text) == samples
+
+
+def test_main_returns_exit_code_instead_of_raising(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["0"]) == 2
+    assert "must be greater than 0" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "usage: piwork" in capsys.readouterr().out
+
+
+def test_format_report_matches_documented_layout() -> None:
+    report = format_report(
+        Estimate(pi=3.14157133, samples=100_000_000, seconds=14.213, cores=2, host="desk")
+    )
+    assert report.splitlines() == [
+        "pi        3.1415713",
+        "samples   100,000,000",
+        "seconds   14.21",
+        "cores     2",
+        "host      desk",
+    ]

@@ -1,0 +1,1 @@
+"""The daemon's actors: one file each, all built on :class:`vesta.actors.base.VestaActor`."""

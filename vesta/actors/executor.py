@@ -1,0 +1,223 @@
+"""The Executor actor: runs tasks and stress in job processes and reports what they produce.
+
+A task is a slice of a job given to this node: units [start, end) of a cpu job, or the single unit
+of a mem or exec job. The executor spreads a cpu task over as many worker processes as it has free
+slots (one slot per core it may use), passes on finished units in batches, relays exec output as it
+comes, and says when the task is done. It holds no processes itself: its :class:`Supervisor` thread
+does, and tells it what happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vesta.actors.base import VestaActor
+from vesta.actors.links import Links
+from vesta.actors.supervisor import Supervisor
+from vesta.counters import Counters
+from vesta.messages import (
+    CancelTask,
+    CpuJob,
+    Drain,
+    ExecJob,
+    ExecutorLoad,
+    MemJob,
+    Message,
+    RunTask,
+    StartStress,
+    StopStress,
+    StressReply,
+    TaskDone,
+    TaskOutput,
+    TaskUnits,
+    ToClient,
+    WorkerExited,
+    WorkerOutput,
+    WorkerUnits,
+)
+from vesta.policy import split_units
+
+logger = logging.getLogger(__name__)
+
+#: Finished units are passed on at most this often per task (and always when the task ends).
+UNIT_REPORT_INTERVAL = 0.25
+
+
+@dataclass
+class _Task:
+    run: RunTask
+    workers: set[str]
+    started: float
+    units: dict[int, bytes] = field(default_factory=dict)
+    last_report: float = 0.0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    cancelled: bool = False
+
+
+class Executor(VestaActor):
+    """Runs :class:`RunTask` in worker processes, one slot per core this daemon may use."""
+
+    def __init__(
+        self, counters: Counters, links: Links, cores: list[int] | None = None,
+        output_cap_bytes: int = 16 << 20,
+    ) -> None:
+        super().__init__(counters)
+        self.links = links
+        self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+        self.capacity = len(self.cores)
+        self.output_cap_bytes = output_cap_bytes
+        self.tasks: dict[str, _Task] = {}
+        self.owner: dict[str, str] = {}  # worker id -> task id
+        self.stress_workers: set[str] = set()
+        self.draining = False
+        self._ids = itertools.count(1)
+        self.supervisor = Supervisor(report=self.actor_ref.tell)
+
+    def on_start(self) -> None:
+        self.supervisor.start()
+
+    def stopping(self) -> None:
+        self.supervisor.shutdown()
+
+    @property
+    def busy(self) -> int:
+        return len(self.owner)
+
+    def handle(self, message: Message) -> Any:
+        match message:
+            case RunTask():
+                self.run_task(message)
+            case CancelTask(task_id=task_id):
+                self.cancel(task_id)
+            case WorkerUnits(worker=worker, units=units):
+                self.on_units(worker, units)
+            case WorkerOutput(worker=worker, stream=stream, data=data):
+                task_id = self.owner.get(worker)
+                if task_id is not None:
+                    self.links.autopilot.tell(TaskOutput(task_id, stream, data))
+            case WorkerExited():
+                self.on_exit(message)
+            case StartStress(client=client, cores=cores, seconds=seconds):
+                self.start_stress(client, cores, seconds)
+            case StopStress(client=client):
+                stopped = self.stop_stress()
+                self.links.control.tell(ToClient(client, StressReply(0, 0.0, stopped)))
+            case Drain():
+                self.draining = True
+            case _:
+                return super().handle(message)
+        return None
+
+    # -- tasks -------------------------------------------------------------------------------------
+
+    def run_task(self, run: RunTask) -> None:
+        if run.task_id in self.tasks:
+            logger.warning("task %s is already running", run.task_id)
+            return
+        free = self.capacity - self.busy
+        if self.draining or free <= 0:
+            why = "the daemon is stopping" if self.draining else "no free worker"
+            self.links.autopilot.tell(TaskDone(run.task_id, False, 0.0, 1, why))
+            return
+        job = run.job
+        if isinstance(job, CpuJob):
+            pieces = [
+                {"seed": job.seed, "start": a, "end": b}
+                for a, b in split_units(run.start, run.end, free)
+            ]
+        elif isinstance(job, MemJob):
+            pieces = [{"mb": job.mb, "ms": job.ms}]
+        elif isinstance(job, ExecJob):
+            pieces = [{"argv": job.argv, "timeout": job.timeout, "job_id": run.job_id,
+                       "cap_bytes": self.output_cap_bytes}]
+        else:
+            raise TypeError(f"no executor for {job.tag}")
+        task = _Task(run, set(), time.monotonic())
+        self.tasks[run.task_id] = task
+        for params in pieces:
+            worker = f"w{next(self._ids)}"
+            task.workers.add(worker)
+            self.owner[worker] = run.task_id
+            self.supervisor.start_worker(worker, job.kind, params, run.lend)
+        self.report_load()
+
+    def cancel(self, task_id: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return
+        task.cancelled = True
+        for worker in task.workers:
+            self.supervisor.kill(worker)
+
+    def on_units(self, worker: str, units: dict[int, bytes]) -> None:
+        task_id = self.owner.get(worker)
+        task = self.tasks.get(task_id) if task_id else None
+        if task is None:
+            return
+        task.units.update(units)
+        if time.monotonic() - task.last_report >= UNIT_REPORT_INTERVAL:
+            self.report_units(task)
+
+    def report_units(self, task: _Task) -> None:
+        if task.units:
+            self.links.autopilot.tell(TaskUnits(task.run.task_id, task.units))
+            task.units = {}
+        task.last_report = time.monotonic()
+
+    def on_exit(self, exited: WorkerExited) -> None:
+        if exited.worker in self.stress_workers:
+            self.stress_workers.discard(exited.worker)
+            return
+        task_id = self.owner.pop(exited.worker, None)
+        task = self.tasks.get(task_id) if task_id else None
+        if task is None:
+            return
+        task.workers.discard(exited.worker)
+        task.detail.update(exited.detail)
+        if exited.error or exited.exit_code:
+            task.errors.append((exited.exit_code, exited.error))
+            if isinstance(task.run.job, CpuJob | MemJob) and not task.cancelled:
+                logger.warning("task %s: %s", task.run.task_id, exited.error)
+        if not task.workers:
+            self.finish(task)
+        self.report_load()
+
+    def finish(self, task: _Task) -> None:
+        del self.tasks[task.run.task_id]
+        self.report_units(task)
+        seconds = round(time.monotonic() - task.started, 3)
+        code, error = task.errors[0] if task.errors else (0, "")
+        # an exec command's own status is its result: only an error text means it did not run
+        ok = not task.cancelled and not any(text for _, text in task.errors)
+        if task.cancelled:
+            error = error or "cancelled"
+        self.links.autopilot.tell(
+            TaskDone(task.run.task_id, ok, seconds, code, error, task.cancelled, task.detail)
+        )
+
+    def report_load(self) -> None:
+        self.links.autopilot.tell(ExecutorLoad(self.busy, self.capacity))
+
+    # -- stress ------------------------------------------------------------------------------------
+
+    def start_stress(self, client: int, cores: int, seconds: float) -> None:
+        self.stop_stress()
+        chosen = self.cores if cores <= 0 else self.cores[:cores]
+        for cpu in chosen:
+            worker = f"s{next(self._ids)}"
+            self.stress_workers.add(worker)
+            self.supervisor.start_worker(worker, "stress", {"cpu": cpu, "seconds": seconds}, False)
+        logger.info("stressing cores %s for %g s", chosen, seconds)
+        self.links.control.tell(ToClient(client, StressReply(len(chosen), seconds)))
+
+    def stop_stress(self) -> int:
+        stopped = len(self.stress_workers)
+        for worker in self.stress_workers:
+            self.supervisor.kill(worker)
+        return stopped

@@ -1,0 +1,213 @@
+"""The process supervisor: one long-lived thread that starts, watches and kills job processes.
+
+Job processes come from a ``forkserver`` preloaded with :mod:`vesta.jobs`: the daemon has threads,
+and forking it could hand a child a lock some thread held. The fork server is a fresh interpreter
+with one thread, started on the first job (an idle daemon pays nothing for it), and every job
+process is forked from it. Each worker is one ``Process`` with a one-way ``Pipe``, watched through
+its pipe and its ``sentinel`` with ``multiprocessing.connection.wait``, so any single worker can be
+killed without disturbing the others. The thread reports what happens as messages to its actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from vesta import jobs
+from vesta.messages import Message, WorkerExited, WorkerOutput, WorkerUnits
+
+logger = logging.getLogger(__name__)
+
+_context: Any = None
+
+
+def job_context() -> Any:
+    """The multiprocessing context for job processes: a fork server preloaded with the job code.
+
+    multiprocessing re-imports the main module in every child it starts, unless the fork server
+    already imported it; so it is preloaded too. ``vestad``'s entry module imports nothing heavy
+    at its top, which keeps the fork server small.
+    """
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(["__main__", "vesta.jobs"])
+    return _context
+
+
+@dataclass
+class _Worker:
+    worker_id: str
+    process: Any
+    reader: Connection
+    pgid: int | None = None
+    done: tuple[int, str, dict[str, Any]] | None = None
+    units: dict[int, bytes] = field(default_factory=dict)
+
+
+class Supervisor(threading.Thread):
+    """Owns every job process. Its methods may be called from any thread; they never block."""
+
+    def __init__(self, report: Callable[[Message], None]) -> None:
+        super().__init__(name="vesta-supervisor", daemon=True)
+        self.report = report
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._workers: dict[str, _Worker] = {}
+        self._closing = False
+
+    # -- called from other threads -----------------------------------------------------------------
+
+    def start_worker(self, worker_id: str, kind: str, params: dict[str, Any], lend: bool) -> None:
+        self._command("start", worker_id, kind, params, lend)
+
+    def kill(self, worker_id: str) -> None:
+        self._command("kill", worker_id)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Kill every worker and end the thread."""
+        self._command("close")
+        self.join(timeout)
+
+    def _command(self, *command: Any) -> None:
+        self._commands.put(command)
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not (self._closing and not self._workers):
+                self._run_commands()
+                watched: list[Any] = [self._wake_r]
+                for w in self._workers.values():
+                    watched += [w.reader, w.process.sentinel]
+                for ready in wait(watched):
+                    self._on_ready(ready)
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            match command:
+                case ("start", worker_id, kind, params, lend):
+                    self._start(worker_id, kind, params, lend)
+                case ("kill", worker_id):
+                    if worker_id in self._workers:
+                        self._kill(self._workers[worker_id])
+                case ("close",):
+                    self._closing = True
+                    for worker in self._workers.values():
+                        self._kill(worker)
+
+    def _start(self, worker_id: str, kind: str, params: dict[str, Any], lend: bool) -> None:
+        if self._closing:
+            self.report(WorkerExited(worker_id, 1, "the daemon is stopping"))
+            return
+        ctx = job_context()
+        reader, writer = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=jobs.run, args=(writer, kind, params, lend), name=f"vesta-{kind}", daemon=True
+        )
+        try:
+            process.start()
+        except Exception as exc:  # the fork server could not start or fork
+            logger.error("cannot start a %s worker: %s", kind, exc)
+            reader.close()
+            self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
+            return
+        finally:
+            writer.close()
+        self._workers[worker_id] = _Worker(worker_id, process, reader)
+
+    def _on_ready(self, ready: Any) -> None:
+        if ready is self._wake_r:
+            self._wake_r.recv(4096)
+            return
+        for worker in list(self._workers.values()):
+            if ready is worker.reader:
+                self._read(worker)
+                self._flush_units(worker)
+            elif ready == worker.process.sentinel:
+                while self._read(worker):
+                    pass
+                self._flush_units(worker)
+                self._reap(worker)
+
+    def _read(self, worker: _Worker) -> bool:
+        """Take one report from the worker's pipe; False when there is none (or it closed)."""
+        try:
+            if not worker.reader.poll():
+                return False
+            event = worker.reader.recv()
+        except (EOFError, OSError):
+            return False
+        match event:
+            case ("unit", int(index), bytes(digest)):
+                worker.units[index] = digest
+            case ("out", str(stream), bytes(data)):
+                self.report(WorkerOutput(worker.worker_id, stream, data))
+            case ("pgid", int(pgid)):
+                worker.pgid = pgid
+            case ("done", int(code), str(error), dict(detail)):
+                worker.done = (code, error, detail)
+            case _:
+                logger.warning("worker %s sent an unknown report %r", worker.worker_id, event)
+        return True
+
+    def _flush_units(self, worker: _Worker) -> None:
+        if worker.units:
+            self.report(WorkerUnits(worker.worker_id, worker.units))
+            worker.units = {}
+
+    def _reap(self, worker: _Worker) -> None:
+        worker.process.join(1.0)
+        worker.reader.close()
+        del self._workers[worker.worker_id]
+        if worker.pgid is not None:
+            _kill_group(worker.pgid)
+        if worker.done is not None:
+            code, error, detail = worker.done
+        else:
+            status = worker.process.exitcode
+            code = 128 - status if status is not None and status < 0 else 1
+            how = f"was killed by signal {-status}" if status and status < 0 else f"exited with status {status}"
+            error = f"the job process {how} before it finished"
+            detail = {}
+        try:
+            worker.process.close()
+        except ValueError:
+            pass
+        self.report(WorkerExited(worker.worker_id, code, error, detail))
+
+    def _kill(self, worker: _Worker) -> None:
+        if worker.pgid is not None:
+            _kill_group(worker.pgid)
+        try:
+            worker.process.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,1 @@
+"""The programs: ``vestad`` (the launcher), ``vesta`` (the CLI) and the demo."""

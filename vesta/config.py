@@ -1,0 +1,273 @@
+"""The daemon's configuration: one schema table for validation, the example file and the docs.
+
+Every setting is a :class:`Field` in :data:`SCHEMA`. The JSON config file, the command-line flags and
+the defaults all pass through :func:`build_config`, which checks each value against its field and
+raises :class:`ConfigError` naming the field, the value and what is allowed. ``config.example.json``
+and the table in ``docs/configuration.md`` are generated from the same table
+(``python -m vesta.config example|markdown``), and a test checks they have not drifted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+#: Keys of a config file that start with this are comments.
+COMMENT_PREFIX = "//"
+MIN_KEY_LENGTH = 16
+_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ConfigError(ValueError):
+    """A setting that is missing, unknown, of the wrong type or out of range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One setting: its type, default, the allowed values and a line of help."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+    item: type | None = None  # the type of a list's items
+    optional: bool = False  # may be null
+    flag: str = ""  # the command-line flag, without dashes; "" = the name with '-' for '_'
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """What this field accepts, in words."""
+        if self.choices:
+            text = "one of " + ", ".join(self.choices)
+        elif self.kind is list:
+            text = "a list of " + {int: "whole numbers", float: "numbers"}.get(self.item, "strings")
+        elif self.low is not None and self.high is not None:
+            text = f"{_type_word(self.kind)} from {_num(self.low)} to {_num(self.high)}"
+        elif self.low is not None:
+            text = f"{_type_word(self.kind)} of at least {_num(self.low)}"
+        else:
+            text = _type_word(self.kind)
+        return text + (" or null" if self.optional else "")
+
+    def check(self, value: Any) -> Any:
+        """Return the value if it is allowed here (ints widened to floats), else raise."""
+        if value is None and self.optional:
+            return None
+        if not _is(value, self.kind):
+            raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
+        if self.kind is list:
+            bad = [v for v in value if not _is(v, self.item or str)]
+            if bad:
+                raise ConfigError(self.name, f"{bad[0]!r} is not allowed: expected {self.allowed()}")
+            return list(value)
+        if self.choices and value not in self.choices:
+            raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
+        too_low = self.low is not None and value < self.low
+        too_high = self.high is not None and value > self.high
+        if too_low or too_high:
+            raise ConfigError(self.name, f"{value!r} is out of range: expected {self.allowed()}")
+        return float(value) if self.kind is float else value
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _type_word(kind: type) -> str:
+    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(
+        kind, kind.__name__
+    )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+SCHEMA: tuple[Field, ...] = (
+    Field("name", str, None, "node name; letters, digits, '-', '_' and '.', at most 64 "
+          "characters (others are replaced); default: the host name", optional=True),
+    Field("key", str, None, "the federation key shared by every node, at least 16 characters; "
+          "prefer key_file or VESTA_KEY, which keep it out of `ps`", optional=True),
+    Field("key_file", str, None, "a file whose first line is the federation key", optional=True),
+    Field("port", int, 7777, "TCP port of the peer protocol", low=1, high=65535),
+    Field("dport", int, 7778, "UDP port of discovery beacons", low=1, high=65535),
+    Field("bind", str, "", "listen on this address only; empty: every address"),
+    Field("advertise", str, "", "the address peers are told to connect to; empty: the address "
+          "the beacon leaves from"),
+    Field("seed", list, [], "peers beyond the subnet, as host:port of their discovery port",
+          item=str),
+    Field("advertise_spare_ms", int, 1000, "how often the node announces its spare capacity, "
+          "in milliseconds", low=100, high=60000, flag="advertise-spare"),
+    Field("power", str, "auto", "power mode: auto reads /sys/class/power_supply; grid, solar or "
+          "battery force one", choices=("auto", "grid", "solar", "battery")),
+    Field("cpu_offer_pct", int, 75, "share of the cores offered for lending, percent",
+          low=0, high=100),
+    Field("mem_offer_mb", int, 1024, "hard cap on the memory offered for lending, MiB",
+          low=0, high=1 << 22),
+    Field("reserve_pct", int, 20, "share of the cores kept for local use and never lent, percent",
+          low=0, high=100),
+    Field("spill_cpu_pct", int, 80, "local CPU load, percent, at which new work spills to peers",
+          low=1, high=100),
+    Field("allow_exec", bool, False, "let peers run commands on this node"),
+    Field("exec_allowlist", list, [], "if not empty, the only commands peers may run here; "
+          "matches the basename or the full path of the command", item=str),
+    Field("exec_output_max_mb", int, 16, "most output of one exec job kept per stream, MiB; "
+          "the rest is read and dropped", low=1, high=1024),
+    Field("max_borrow_ratio", float, 5.0, "leeching cap: how much a peer may borrow beyond what "
+          "it contributed", low=0, high=1000),
+    Field("goodwill_core_s", float, 120.0, "core-seconds of credit every new peer starts with",
+          low=0, high=1e9),
+    Field("battery_min_pct", int, 15, "stop lending below this battery charge, percent",
+          low=0, high=100),
+    Field("state_dir", str, "~/.local/state/vesta", "where the identity, the ledger and the boot "
+          "counter live"),
+    Field("socket", str, "", "control socket path; empty: /tmp/vestad-NAME.sock"),
+    Field("log_level", str, "info", "how much the daemon logs",
+          choices=("debug", "info", "warning", "error")),
+)
+
+FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(f.name, Any) for f in SCHEMA],
+    frozen=True,
+    namespace={"__doc__": "A validated configuration: one attribute per field of SCHEMA."},
+)
+
+
+def sanitize_name(raw: str) -> str:
+    """A node name made of letters, digits, '-', '_' and '.', at most 64 characters."""
+    return _NAME_OK.sub("-", raw).strip("-")[:64]
+
+
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON config file; comment keys (starting with ``//``) are dropped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a JSON object")
+    return {k: v for k, v in data.items() if not k.startswith(COMMENT_PREFIX)}
+
+
+def build_config(
+    *layers: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> Any:
+    """Merge the layers (later ones win), check every value and resolve the key.
+
+    Unknown fields are refused. The key comes from ``key``, then ``key_file``, then ``VESTA_KEY``.
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            if name not in FIELDS:
+                raise ConfigError(name, "unknown field; known fields: " + ", ".join(FIELDS))
+            merged[name] = value
+    values = {
+        f.name: f.check(merged[f.name]) if f.name in merged else _copy(f.default) for f in SCHEMA
+    }
+    name = values["name"] if values["name"] is not None else socket.gethostname()
+    values["name"] = sanitize_name(name)
+    if not values["name"]:
+        raise ConfigError("name", f"{name!r} has no letters or digits to make a node name of")
+    values["key"] = _resolve_key(values, env)
+    values["state_dir"] = str(Path(values["state_dir"]).expanduser())
+    if not values["socket"]:
+        values["socket"] = f"/tmp/vestad-{values['name']}.sock"
+    if len(os.fsencode(values["socket"])) > 107:
+        raise ConfigError("socket", f"{values['socket']!r} is longer than the 107 bytes "
+                          "a Unix socket path may have")
+    return Config(**values)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+def _resolve_key(values: dict[str, Any], env: Mapping[str, str]) -> str:
+    key = values["key"]
+    source = "key"
+    if key is None and values["key_file"]:
+        source = "key_file"
+        try:
+            lines = Path(values["key_file"]).expanduser().read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError("key_file", f"cannot read {values['key_file']}: {exc.strerror}") from None
+        key = lines[0].strip() if lines else ""
+    if key is None and env.get("VESTA_KEY"):
+        source, key = "VESTA_KEY", env["VESTA_KEY"]
+    if key is None:
+        raise ConfigError("key", "a federation key is needed: give -key, -key-file or VESTA_KEY")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ConfigError(
+            source, f"the key is {len(key)} characters long; at least {MIN_KEY_LENGTH} are needed"
+        )
+    return key
+
+
+# -- generated documents ---------------------------------------------------------------------------
+
+
+def example_document() -> str:
+    """The text of ``config.example.json``: every field, each after a comment key explaining it."""
+    lines = ["{"]
+    entries = []
+    for f in SCHEMA:
+        comment = f"{f.help} ({f.allowed()}; flag -{f.flag_name})"
+        entries.append(f"  {json.dumps(COMMENT_PREFIX + f.name)}: {json.dumps(comment)},\n"
+                       f"  {json.dumps(f.name)}: {json.dumps(f.default)}")
+    lines.append(",\n".join(entries))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The field table of ``docs/configuration.md``."""
+    rows = ["| field | flag | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
+    for f in SCHEMA:
+        default = "—" if f.default is None else f"`{json.dumps(f.default)}`"
+        rows.append(f"| `{f.name}` | `-{f.flag_name}` | {default} | {f.allowed()} | {f.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vesta.config example|markdown``: print a generated document."""
+    args = sys.argv[1:] if argv is None else argv
+    makers: dict[str, Callable[[], str]] = {"example": example_document, "markdown": markdown_table}
+    if len(args) != 1 or args[0] not in makers:
+        print("usage: python -m vesta.config example|markdown", file=sys.stderr)
+        return 2
+    sys.stdout.write(makers[args[0]]())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

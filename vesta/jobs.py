@@ -1,0 +1,246 @@
+"""The code that runs inside job processes: cpu units, memory holds, commands and stress.
+
+This module is preloaded into the executor's fork server, so it imports only the standard library
+and nothing that starts threads. Each entry point runs in a fresh child and reports to its parent
+over a one-way pipe with small tuples:
+
+- ``("unit", index, digest)`` a cpu unit finished;
+- ``("out", stream, data)`` an exec command wrote output;
+- ``("pgid", pgid)`` the process group of an exec command, so the parent can kill it;
+- ``("done", exit_code, error, detail)`` the task ended (error "" when it ran to completion).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+UNIT_ITERATIONS = 100_000
+UNITS_PER_MILLION = 10
+PAGE = mmap.PAGESIZE
+_PR_SET_PDEATHSIG = 1
+
+
+# -- the cpu job's arithmetic, shared with the daemon and the tests --------------------------------
+
+
+def unit_result(seed: int, index: int) -> bytes:
+    """Unit ``index`` of a cpu job with ``seed``: 100,000 chained SHA-256 from its start value."""
+    sha = hashlib.sha256
+    h = sha(b"vesta:%d:%d" % (seed, index)).digest()
+    for _ in range(UNIT_ITERATIONS):
+        h = sha(h).digest()
+    return h
+
+
+def job_digest(unit_results: Sequence[bytes]) -> str:
+    """The job's digest: SHA-256 of the unit results in order of their index."""
+    return hashlib.sha256(b"".join(unit_results)).hexdigest()
+
+
+# -- child process set-up --------------------------------------------------------------------------
+
+
+def prepare_child(lend: bool) -> None:
+    """Set up a job process: ignore Ctrl-C, die with the parent, and yield the CPU when lending."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+    if lend:
+        lowest_priority()
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent ends (Linux only; best effort)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def lowest_priority() -> None:
+    """nice 19 and SCHED_IDLE where the platform has it: the owner's own work comes first."""
+    try:
+        os.nice(19 - os.nice(0))
+    except OSError:
+        pass
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None:
+    """Entry point of every job process."""
+    prepare_child(lend)
+    runners: dict[str, Callable[[Connection, dict[str, Any]], None]] = {
+        "cpu": run_cpu, "mem": run_mem, "exec": run_exec, "stress": run_stress,
+    }
+    try:
+        runners[kind](conn, params)
+    except MemoryError:
+        conn.send(("done", 1, f"not enough memory for this {kind} job", {}))
+    except Exception as exc:  # report, never die silently: the parent sees "done"
+        conn.send(("done", 1, f"{kind} job failed: {exc}", {}))
+    finally:
+        conn.close()
+
+
+# -- the job kinds ---------------------------------------------------------------------------------
+
+
+def run_cpu(conn: Connection, params: dict[str, Any]) -> None:
+    seed = params["seed"]
+    for index in range(params["start"], params["end"]):
+        conn.send(("unit", index, unit_result(seed, index)))
+    conn.send(("done", 0, "", {}))
+
+
+def run_mem(conn: Connection, params: dict[str, Any]) -> None:
+    size = params["mb"] * 1024 * 1024
+    started = time.monotonic()
+    with mmap.mmap(-1, max(size, PAGE)) as block:
+        for offset in range(0, size, PAGE):
+            block[offset] = 1
+        touched = time.monotonic() - started
+        time.sleep(params["ms"] / 1000)
+    conn.send(("done", 0, "", {"touch_seconds": round(touched, 3)}))
+
+
+def run_stress(conn: Connection, params: dict[str, Any]) -> None:
+    """Spin on one core until the deadline."""
+    os.sched_setaffinity(0, {params["cpu"]})
+    deadline = time.monotonic() + params["seconds"]
+    while time.monotonic() < deadline:
+        for _ in range(10_000):
+            pass
+    conn.send(("done", 0, "", {}))
+
+
+def run_exec(conn: Connection, params: dict[str, Any]) -> None:
+    """Run a command in a fresh directory and session, streaming its output to the parent."""
+    workdir = tempfile.mkdtemp(prefix="vesta-job-")
+    try:
+        _exec_in(conn, params, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def resolve_command(argv0: str, workdir: str, path: str) -> str | None:
+    """Find the program: by PATH without a slash; ``./NAME`` missing here is looked up as NAME."""
+    if "/" not in argv0:
+        return shutil.which(argv0, path=path)
+    if argv0.startswith("./") and "/" not in argv0[2:]:
+        local = os.path.join(workdir, argv0[2:])
+        return local if os.path.exists(local) else shutil.which(argv0[2:], path=path)
+    return argv0 if os.path.exists(argv0) else None
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style status: the code itself, or 128+N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
+    argv: list[str] = params["argv"]
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": os.environ.get("HOME", workdir),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "VESTA_JOB_ID": params["job_id"],
+    }
+    program = resolve_command(argv[0], workdir, env["PATH"])
+    if program is None:
+        conn.send(("done", 127, f"{argv[0]}: command not found", {}))
+        return
+    try:
+        proc = subprocess.Popen(
+            [program, *argv[1:]], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent,  # safe: this process has a single thread
+        )
+    except PermissionError:
+        conn.send(("done", 126, f"{argv[0]}: permission denied (not executable)", {}))
+        return
+    except FileNotFoundError:
+        conn.send(("done", 127, f"{argv[0]}: command not found", {}))
+        return
+    except OSError as exc:
+        code = 126 if exc.errno in (errno.ENOEXEC, errno.EACCES, errno.EISDIR) else 125
+        conn.send(("done", code, f"{argv[0]}: cannot run: {exc.strerror}", {}))
+        return
+    conn.send(("pgid", proc.pid))
+    signal.signal(signal.SIGTERM, lambda *_: _kill_group_and_exit(proc.pid))
+    timed_out, truncated = _pump(conn, proc, params.get("timeout"), params["cap_bytes"])
+    _kill_group(proc.pid)  # leftovers in the command's session do not outlive the job
+    detail = {"truncated": truncated} if truncated else {}
+    if timed_out:
+        conn.send(("done", 124, f"timed out after {params['timeout']:g} s", detail))
+    else:
+        conn.send(("done", exit_status(proc.returncode), "", detail))
+
+
+def _pump(
+    conn: Connection, proc: subprocess.Popen[bytes], timeout: float | None, cap: int
+) -> tuple[bool, list[str]]:
+    """Relay output until the command exits and its pipes close; kill it at the timeout.
+
+    Past ``cap`` bytes per stream the output is still read, so the command never blocks on a
+    full pipe, but dropped. Returns (timed out, names of the truncated streams).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sel = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None
+    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
+    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    sent = {"stdout": 0, "stderr": 0}
+    timed_out = False
+    exited_at: float | None = None
+    while sel.get_map():
+        now = time.monotonic()
+        if deadline is not None and now >= deadline and not timed_out:
+            timed_out = True
+            _kill_group(proc.pid)
+        if exited_at is None and proc.poll() is not None:
+            exited_at = now
+        if exited_at is not None and now - exited_at > 1.0:
+            break  # the command exited but something it started still holds the pipes
+        wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
+        for key, _ in sel.select(wait):
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            stream = key.data
+            room = cap - sent[stream]
+            if room > 0:
+                conn.send(("out", stream, data[:room]))
+            sent[stream] += len(data)
+    sel.close()
+    proc.wait()
+    return timed_out, [s for s, n in sent.items() if n > cap]
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group_and_exit(pgid: int) -> None:
+    _kill_group(pgid)
+    os._exit(128 + signal.SIGTERM)

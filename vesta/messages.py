@@ -1,0 +1,531 @@
+"""Every message vesta's actors exchange, and their msgpack codec.
+
+One vocabulary serves three places: the actors tell each other these records, the control socket
+carries them between the CLI and the daemon, and the peer protocol carries them between daemons. So
+every field is a msgpack type (None, bool, int, float, str, bytes, list, dict) or another message.
+
+On the wire a message is a msgpack array ``[tag, field, field, ...]`` in field order; a message inside
+another travels as msgpack extension type 1 holding its own encoding. :func:`decode` checks the tag,
+the number of fields and each field's type, so a peer or a client cannot smuggle a wrong type into
+an actor: a bad message raises :class:`DecodeError` and never reaches one.
+
+This module is imported by the CLI, so it uses only the standard library and msgpack.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, ClassVar, Union
+
+import msgpack
+
+_EXT_MESSAGE = 1
+_MAX_DEPTH = 8
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid vesta message."""
+
+
+@typing.dataclass_transform(frozen_default=True)
+class Message:
+    """Base of every message: an immutable record whose fields are its annotations.
+
+    Not a dataclass on purpose: the CLI imports this module, and building ~30 dataclasses costs
+    more start-up time than the whole CLI may take. ``dataclass_transform`` tells type checkers
+    that subclasses behave like frozen dataclasses all the same. The tag on the wire is the class
+    name; :meth:`__init_subclass__` registers it.
+    """
+
+    registry: ClassVar[dict[str, type[Message]]] = {}
+    tag: ClassVar[str] = ""
+    fields: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = [
+            name
+            for name, hint in cls.__dict__.get("__annotations__", {}).items()
+            if not str(hint).startswith("ClassVar")
+        ]
+        cls.fields = (*cls.fields, *own)
+        cls.defaults = {**cls.defaults, **{n: cls.__dict__[n] for n in own if n in cls.__dict__}}
+        for name in own:
+            if name in cls.__dict__:
+                delattr(cls, name)
+        cls.tag = cls.__name__
+        if not cls.__dict__.get("abstract", False):
+            if cls.tag in Message.registry:
+                raise TypeError(f"message tag {cls.tag!r} is defined twice")
+            Message.registry[cls.tag] = cls
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(self.fields):
+            raise TypeError(f"{self.tag} takes {len(self.fields)} fields, got {len(args)}")
+        values = dict(zip(self.fields, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in self.fields or name in values:
+                raise TypeError(f"{self.tag}: unexpected or repeated field {name!r}")
+            values[name] = value
+        for name in self.fields:
+            if name not in values:
+                if name not in self.defaults:
+                    raise TypeError(f"{self.tag}: missing field {name!r}")
+                default = self.defaults[name]
+                values[name] = type(default)(default) if isinstance(default, list | dict) else default
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.tag} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.values() == other.values()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.fields)
+        return f"{self.tag}({inner})"
+
+    def values(self) -> list[Any]:
+        """The field values in order."""
+        return [getattr(self, n) for n in self.fields]
+
+    def replace(self, **changes: Any) -> Message:
+        """A copy with some fields changed."""
+        return type(self)(**{**dict(zip(self.fields, self.values(), strict=True)), **changes})
+
+
+# -- codec ---------------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message to bytes."""
+    return msgpack.packb(_to_list(msg), default=_default, use_bin_type=True)
+
+
+def decode(data: bytes | memoryview) -> Message:
+    """Decode and type-check a message; raises :class:`DecodeError` on anything else."""
+    try:
+        obj = msgpack.unpackb(
+            data, ext_hook=_ext_hook, raw=False, strict_map_key=False
+        )
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises a zoo of types for bad input
+        raise DecodeError(f"not msgpack: {exc}") from None
+    return _from_list(obj, depth=0)
+
+
+def _to_list(msg: Message) -> list[Any]:
+    return [msg.tag, *msg.values()]
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, Message):
+        return msgpack.ExtType(_EXT_MESSAGE, encode(obj))
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} in a vesta message")
+
+
+class _Nested:
+    """A nested message's bytes, decoded only once the outer message passed its checks."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != _EXT_MESSAGE:
+        raise DecodeError(f"unknown extension type {code}")
+    return _Nested(data)
+
+
+def _from_list(obj: Any, depth: int) -> Message:
+    if depth > _MAX_DEPTH:
+        raise DecodeError("messages nested too deeply")
+    if isinstance(obj, _Nested):
+        try:
+            obj = msgpack.unpackb(obj.data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"nested message is not msgpack: {exc}") from None
+    if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
+        raise DecodeError("a message is a list that starts with its tag")
+    cls = Message.registry.get(obj[0])
+    if cls is None:
+        raise DecodeError(f"unknown message type {obj[0][:40]!r}")
+    hints = _field_types(cls)
+    values = obj[1:]
+    if len(values) != len(hints):
+        raise DecodeError(f"{cls.tag} takes {len(hints)} fields, got {len(values)}")
+    checked = {
+        name: _check(value, hint, f"{cls.tag}.{name}", depth)
+        for (name, hint), value in zip(hints.items(), values, strict=True)
+    }
+    return cls(**checked)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = {name: resolved[name] for name in cls.fields}
+        _HINTS[cls] = hints
+    return hints
+
+
+def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
+    """Return ``value`` (nested messages decoded) if it fits ``hint``, else raise DecodeError."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check(value, option, where, depth)
+            except DecodeError:
+                continue
+        raise DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif isinstance(hint, type) and issubclass(hint, Message):
+        if isinstance(value, _Nested):
+            inner = _from_list(value, depth + 1)
+            if isinstance(inner, hint):
+                return inner
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint) or (Any,)
+            return [_check(v, item, where, depth) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key, item = typing.get_args(hint) or (Any, Any)
+            return {
+                _check(k, key, where, depth): _check(v, item, where, depth)
+                for k, v in value.items()
+            }
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint in (str, bytes, bool):
+        if type(value) is hint:
+            return value
+    else:
+        raise DecodeError(f"{where}: field type {hint} is not supported")
+    raise DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+class Job(Message):
+    """Base of the job kinds a user can submit."""
+
+    abstract = True
+    kind: ClassVar[str]
+
+
+class CpuJob(Job):
+    """``vesta cpu N``: N million SHA-256 iterations as 10*N units of 100,000 (see SPEC)."""
+
+    kind: ClassVar[str] = "cpu"
+    n: int
+    seed: int = 0
+
+
+class MemJob(Job):
+    """``vesta mem MB MS``: allocate MB MiB, touch every page, hold it MS milliseconds."""
+
+    kind: ClassVar[str] = "mem"
+    mb: int
+    ms: int
+
+
+class ExecJob(Job):
+    """``vesta exec -- CMD``: run a command, streaming its output back."""
+
+    kind: ClassVar[str] = "exec"
+    argv: list[str]
+    timeout: float | None = None
+    gpu: bool = False
+
+
+AnyJob = CpuJob | MemJob | ExecJob
+
+
+# -- control socket: requests from a client ------------------------------------------------------
+
+
+class StatusRequest(Message):
+    """Ask for the node, its peers, ledger, jobs and counters."""
+
+
+class PeersRequest(Message):
+    """Ask for the other nodes this daemon knows."""
+
+
+class SubmitRequest(Message):
+    """Run a job; the connection then receives its events until :class:`JobDone`."""
+
+    job: AnyJob
+
+
+class CancelRequest(Message):
+    """Cancel a job everywhere it runs. Empty ``job_id``: the job of this connection."""
+
+    job_id: str = ""
+
+
+class StressRequest(Message):
+    """Pin ``cores`` of this daemon's cores (0 = all) for ``seconds``."""
+
+    cores: int
+    seconds: float
+
+
+class StopStressRequest(Message):
+    """End a running stress early."""
+
+
+# -- control socket: replies and job events ------------------------------------------------------
+
+
+class ErrorReply(Message):
+    """A request that could not be served. ``code`` is a stable word, ``error`` a sentence."""
+
+    code: str
+    error: str
+
+
+class StatusReply(Message):
+    """The document ``vesta --json status`` prints."""
+
+    doc: dict[str, Any]
+
+
+class PeersReply(Message):
+    """The peers ``vesta --json peers`` prints."""
+
+    peers: list[dict[str, Any]]
+
+
+class StressReply(Message):
+    """What a stress request or stop-stress did."""
+
+    cores: int
+    seconds: float
+    stopped: int = 0
+
+
+class JobAccepted(Message):
+    """The job has an id; ``queued`` says it waits for a free worker at ``position``."""
+
+    job_id: str
+    queued: bool = False
+    position: int = 0
+
+
+class JobStarted(Message):
+    """The job (or part of it) started on ``node``."""
+
+    job_id: str
+    node: str
+    units: int
+
+
+class JobProgress(Message):
+    """``done`` of ``total`` units are finished; ``nodes`` maps node name to units it finished."""
+
+    job_id: str
+    done: int
+    total: int
+    nodes: dict[str, int]
+
+
+class JobOutput(Message):
+    """A chunk of an exec job's output; ``stream`` is "stdout" or "stderr"."""
+
+    job_id: str
+    stream: str
+    data: bytes
+
+
+class JobDone(Message):
+    """The job ended: ``ok`` with ``result`` (the JSON document) or not, with ``error``.
+
+    ``exit_code`` is what the CLI exits with (SPEC: 0, 1, 124-127, 128+N).
+    """
+
+    job_id: str
+    ok: bool
+    result: dict[str, Any]
+    error: str = ""
+    exit_code: int = 0
+
+
+# -- inside the daemon ---------------------------------------------------------------------------
+
+
+class Tick(Message):
+    """A timer fired; ``name`` says which."""
+
+    name: str = ""
+
+
+class ClientRequest(Message):
+    """Control -> Autopilot: a client's request, to be answered through :class:`ToClient`."""
+
+    client: int
+    request: Message
+
+
+class ToClient(Message):
+    """Any actor -> Control: send ``msg`` to the client connection ``client``."""
+
+    client: int
+    msg: Message
+
+
+class ClientGone(Message):
+    """Control -> Autopilot: the client connection closed; its jobs are cancelled."""
+
+    client: int
+
+
+class NodeInfo(Message):
+    """What a node knows and tells about itself: readings, offer and what it accepts."""
+
+    name: str
+    fingerprint: str
+    address: str
+    version: int
+    cores: int
+    cpu_pct: float
+    mem_available_mb: int
+    mem_total_mb: int
+    power: str
+    willingness: float
+    battery_pct: float | None
+    offer_workers: int
+    offer_mem_mb: int
+    gpu: bool
+    allow_exec: bool
+    exec_allowlist: list[str]
+    temps_c: dict[str, float]
+
+
+class RunTask(Message):
+    """Autopilot -> Executor: run units [``start``, ``end``) of a job (one unit for mem and exec).
+
+    ``lend`` marks work run for a peer: it runs at the lowest priority.
+    """
+
+    task_id: str
+    job_id: str
+    job: AnyJob
+    start: int
+    end: int
+    lend: bool = False
+
+
+class CancelTask(Message):
+    """Autopilot -> Executor: stop a task and kill its processes."""
+
+    task_id: str
+
+
+class TaskUnits(Message):
+    """Executor -> Autopilot: units that finished since the last report, by index."""
+
+    task_id: str
+    units: dict[int, bytes]
+
+
+class TaskOutput(Message):
+    """Executor -> Autopilot: output of an exec task."""
+
+    task_id: str
+    stream: str
+    data: bytes
+
+
+class TaskDone(Message):
+    """Executor -> Autopilot: a task ended.
+
+    ``exit_code`` is the command's status for exec (SPEC's mapping), 0 or 1 otherwise;
+    ``error`` is empty when it ran to completion; ``cancelled`` when it was told to stop.
+    """
+
+    task_id: str
+    ok: bool
+    seconds: float
+    exit_code: int = 0
+    error: str = ""
+    cancelled: bool = False
+    detail: dict[str, Any] = {}
+
+
+class ExecutorLoad(Message):
+    """Executor -> Autopilot: how many worker slots are busy, of how many."""
+
+    busy: int
+    capacity: int
+
+
+class StartStress(Message):
+    """Control -> Executor: pin cores; the reply goes to ``client``."""
+
+    client: int
+    cores: int
+    seconds: float
+
+
+class StopStress(Message):
+    """Control -> Executor: end the stress; the reply goes to ``client``."""
+
+    client: int
+
+
+class Drain(Message):
+    """Launcher -> actors: the daemon is stopping; take no new work."""
+
+
+# -- executor internals: its process supervisor thread reports these -----------------------------
+
+
+class WorkerUnits(Message):
+    """Supervisor -> Executor: cpu units a worker process finished."""
+
+    worker: str
+    units: dict[int, bytes]
+
+
+class WorkerOutput(Message):
+    """Supervisor -> Executor: output of a worker's exec command."""
+
+    worker: str
+    stream: str
+    data: bytes
+
+
+class WorkerExited(Message):
+    """Supervisor -> Executor: a worker process ended; ``error`` is empty if it completed."""
+
+    worker: str
+    exit_code: int
+    error: str = ""
+    detail: dict[str, Any] = {}

@@ -1,0 +1,180 @@
+"""Readings of this machine: CPU load, memory, power supply, temperatures and GPU presence.
+
+Everything is read from ``/proc`` and ``/sys`` below a root path, so that tests can hand in a fake
+tree. The CPU figures are those of the CPUs this process may run on (its affinity mask): a daemon
+started with ``taskset -c 1`` has one core, and its load is that core's load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Supply:
+    """One entry of /sys/class/power_supply."""
+
+    name: str
+    type: str  # "Battery", "Mains", "USB", ...
+    online: bool | None = None
+    status: str = ""  # for batteries: "Charging", "Discharging", "Full", "Not charging"
+    capacity: float | None = None  # battery charge, percent
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One sample of the machine."""
+
+    cores: int
+    cpu_pct: float
+    mem_available_mb: int
+    mem_total_mb: int
+    supplies: tuple[Supply, ...] = ()
+    temps_c: dict[str, float] = field(default_factory=dict)
+    gpu: bool = False
+
+
+class Sysstat:
+    """Reads the machine. :meth:`read` gives the CPU load since the previous call."""
+
+    def __init__(self, root: str | os.PathLike[str] = "/", cpus: set[int] | None = None) -> None:
+        self.root = Path(root)
+        self.cpus = frozenset(cpus if cpus is not None else os.sched_getaffinity(0))
+        self._last = self._cpu_times()
+        self._gpu: bool | None = None
+
+    def read(self) -> Reading:
+        available, total = self.memory_mb()
+        return Reading(
+            cores=len(self.cpus),
+            cpu_pct=self.cpu_pct(),
+            mem_available_mb=available,
+            mem_total_mb=total,
+            supplies=self.power_supplies(),
+            temps_c=self.temperatures(),
+            gpu=self.has_gpu(),
+        )
+
+    # -- CPU ---------------------------------------------------------------------------------------
+
+    def cpu_pct(self) -> float:
+        """Busy share of the allowed CPUs since the previous call, 0-100."""
+        now = self._cpu_times()
+        busy = total = 0
+        for cpu in self.cpus:
+            if cpu in now and cpu in self._last:
+                (b1, t1), (b0, t0) = now[cpu], self._last[cpu]
+                busy += b1 - b0
+                total += t1 - t0
+        self._last = now
+        return round(100.0 * busy / total, 1) if total > 0 else 0.0
+
+    def _cpu_times(self) -> dict[int, tuple[int, int]]:
+        """(busy, total) jiffies per CPU from /proc/stat."""
+        times: dict[int, tuple[int, int]] = {}
+        try:
+            text = (self.root / "proc/stat").read_text()
+        except OSError:
+            return times
+        for line in text.splitlines():
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *fields = line.split()
+            try:
+                cpu = int(name[3:])
+                values = [int(v) for v in fields[:8]]
+            except ValueError:
+                continue
+            idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+            total = sum(values)
+            times[cpu] = (total - idle, total)
+        return times
+
+    # -- memory ------------------------------------------------------------------------------------
+
+    def memory_mb(self) -> tuple[int, int]:
+        """(available, total) memory in MiB from /proc/meminfo."""
+        info: dict[str, int] = {}
+        try:
+            text = (self.root / "proc/meminfo").read_text()
+        except OSError:
+            return 0, 0
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                info[key] = int(parts[0])  # kB
+        total = info.get("MemTotal", 0)
+        available = info.get("MemAvailable")
+        if available is None:  # kernels before 3.14
+            available = info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+        return available // 1024, total // 1024
+
+    # -- power -------------------------------------------------------------------------------------
+
+    def power_supplies(self) -> tuple[Supply, ...]:
+        base = self.root / "sys/class/power_supply"
+        supplies = []
+        for entry in sorted(_listdir(base)):
+            d = base / entry
+            kind = _read(d / "type")
+            if not kind:
+                continue
+            online = _read(d / "online")
+            capacity = _read(d / "capacity")
+            supplies.append(Supply(
+                name=entry,
+                type=kind,
+                online=None if online == "" else online == "1",
+                status=_read(d / "status"),
+                capacity=float(capacity) if _is_number(capacity) else None,
+            ))
+        return tuple(supplies)
+
+    # -- temperatures and GPU ----------------------------------------------------------------------
+
+    def temperatures(self) -> dict[str, float]:
+        """Thermal zones in degrees Celsius, keyed by their type."""
+        base = self.root / "sys/class/thermal"
+        temps: dict[str, float] = {}
+        for entry in sorted(_listdir(base)):
+            if not entry.startswith("thermal_zone"):
+                continue
+            raw = _read(base / entry / "temp")
+            if _is_number(raw):
+                kind = _read(base / entry / "type") or entry
+                temps[kind if kind not in temps else f"{kind}-{entry[12:]}"] = int(raw) / 1000
+        return temps
+
+    def has_gpu(self) -> bool:
+        """Whether the machine has a GPU: an NVIDIA device or a DRM render node."""
+        if self._gpu is None:
+            drm = _listdir(self.root / "sys/class/drm")
+            self._gpu = (self.root / "dev/nvidia0").exists() or any(
+                d.startswith("renderD") for d in drm
+            )
+        return self._gpu
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""Transport: framing, sealing and the socket loops that carry vesta's messages."""
