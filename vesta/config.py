@@ -1,9 +1,9 @@
 """The daemon's configuration: one schema table for validation, the example file and the docs.
 
-Every setting is a :class:`Field` in :data:`SCHEMA`. The JSON config file, the command-line flags and
-the defaults all pass through :func:`build_config`, which checks each value against its field and
-raises :class:`ConfigError` naming the field, the value and what is allowed. ``config.example.json``
-and the table in ``docs/configuration.md`` are generated from the same table
+Every setting is a :class:`Field` in :data:`SCHEMA`. The JSON config file, the command-line flags
+and the defaults all pass through :func:`build_config`, which checks each value against its field
+and raises :class:`ConfigError` naming the field, the value and what is allowed.
+``config.example.json`` and the table in ``docs/configuration.md`` are generated from the same table
 (``python -m vesta.config example|markdown``), and a test checks they have not drifted.
 """
 
@@ -75,7 +75,9 @@ class Field:
         if self.kind is list:
             bad = [v for v in value if not _is(v, self.item or str)]
             if bad:
-                raise ConfigError(self.name, f"{bad[0]!r} is not allowed: expected {self.allowed()}")
+                raise ConfigError(
+                    self.name, f"{bad[0]!r} is not allowed: expected {self.allowed()}"
+                )
             return list(value)
         if self.choices and value not in self.choices:
             raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
@@ -220,7 +222,9 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str]) -> str:
         try:
             lines = Path(values["key_file"]).expanduser().read_text(encoding="utf-8").splitlines()
         except OSError as exc:
-            raise ConfigError("key_file", f"cannot read {values['key_file']}: {exc.strerror}") from None
+            raise ConfigError(
+                "key_file", f"cannot read {values['key_file']}: {exc.strerror}"
+            ) from None
         key = lines[0].strip() if lines else ""
     if key is None and env.get("VESTA_KEY"):
         source, key = "VESTA_KEY", env["VESTA_KEY"]

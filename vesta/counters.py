@@ -1,4 +1,4 @@
-"""Counters of things that went wrong or were refused, shared by the actors and their I/O threads."""
+"""Counts of what went wrong or was refused, shared by the actors and their I/O threads."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ over a one-way pipe with small tuples:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -73,14 +74,10 @@ def die_with_parent() -> None:
 
 def lowest_priority() -> None:
     """nice 19 and SCHED_IDLE where the platform has it: the owner's own work comes first."""
-    try:
+    with contextlib.suppress(OSError):
         os.nice(19 - os.nice(0))
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
 
 
 def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None:
@@ -235,10 +232,8 @@ def _pump(
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_group_and_exit(pgid: int) -> None:

@@ -4,10 +4,10 @@ One vocabulary serves three places: the actors tell each other these records, th
 carries them between the CLI and the daemon, and the peer protocol carries them between daemons. So
 every field is a msgpack type (None, bool, int, float, str, bytes, list, dict) or another message.
 
-On the wire a message is a msgpack array ``[tag, field, field, ...]`` in field order; a message inside
-another travels as msgpack extension type 1 holding its own encoding. :func:`decode` checks the tag,
-the number of fields and each field's type, so a peer or a client cannot smuggle a wrong type into
-an actor: a bad message raises :class:`DecodeError` and never reaches one.
+On the wire a message is a msgpack array ``[tag, field, field, ...]`` in field order; a message
+inside another travels as msgpack extension type 1 holding its own encoding. :func:`decode` checks
+the tag, the number of fields and each field's type, so a peer or a client cannot smuggle a wrong
+type into an actor: a bad message raises :class:`DecodeError` and never reaches one.
 
 This module is imported by the CLI, so it uses only the standard library and msgpack.
 """
@@ -74,7 +74,8 @@ class Message:
                 if name not in self.defaults:
                     raise TypeError(f"{self.tag}: missing field {name!r}")
                 default = self.defaults[name]
-                values[name] = type(default)(default) if isinstance(default, list | dict) else default
+                mutable = isinstance(default, list | dict)
+                values[name] = type(default)(default) if mutable else default
             object.__setattr__(self, name, values[name])
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -431,7 +432,8 @@ class NodeInfo(Message):
 class RunTask(Message):
     """Autopilot -> Executor: run units [``start``, ``end``) of a job (one unit for mem and exec).
 
-    ``lend`` marks work run for a peer: it runs at the lowest priority.
+    ``workers`` is how many worker slots the autopilot booked for it; ``lend`` marks work run for
+    a peer, which runs at the lowest priority.
     """
 
     task_id: str
@@ -440,6 +442,7 @@ class RunTask(Message):
     start: int
     end: int
     lend: bool = False
+    workers: int = 1
 
 
 class CancelTask(Message):
@@ -479,13 +482,6 @@ class TaskDone(Message):
     detail: dict[str, Any] = {}
 
 
-class ExecutorLoad(Message):
-    """Executor -> Autopilot: how many worker slots are busy, of how many."""
-
-    busy: int
-    capacity: int
-
-
 class StartStress(Message):
     """Control -> Executor: pin cores; the reply goes to ``client``."""
 
@@ -502,6 +498,18 @@ class StopStress(Message):
 
 class Drain(Message):
     """Launcher -> actors: the daemon is stopping; take no new work."""
+
+
+class Serve(Message):
+    """Launcher -> Control: every actor is wired; start serving the socket."""
+
+
+class CountRunning(Message):
+    """Launcher -> Autopilot (asked): how many local tasks are still running."""
+
+
+class CancelAll(Message):
+    """Launcher -> Autopilot: cancel every job; the daemon stops now."""
 
 
 # -- executor internals: its process supervisor thread reports these -----------------------------

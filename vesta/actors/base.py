@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class VestaActor(pykka.ThreadingActor):
-    """An actor whose messages are :class:`vesta.messages.Message` records, handled by ``handle``."""
+    """An actor whose messages are :class:`vesta.messages.Message` records, given to ``handle``."""
 
     def __init__(self, counters: Counters) -> None:
         super().__init__()

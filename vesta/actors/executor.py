@@ -1,10 +1,10 @@
 """The Executor actor: runs tasks and stress in job processes and reports what they produce.
 
 A task is a slice of a job given to this node: units [start, end) of a cpu job, or the single unit
-of a mem or exec job. The executor spreads a cpu task over as many worker processes as it has free
-slots (one slot per core it may use), passes on finished units in batches, relays exec output as it
-comes, and says when the task is done. It holds no processes itself: its :class:`Supervisor` thread
-does, and tells it what happened.
+of a mem or exec job. The executor spreads a cpu task over the worker processes the autopilot
+booked for it (the autopilot owns the slot count: one slot per core this daemon may use), passes on
+finished units in batches, relays exec output as it comes, and says when the task is done. It
+holds no processes itself: its :class:`Supervisor` thread does, and tells it what happened.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from vesta.messages import (
     CpuJob,
     Drain,
     ExecJob,
-    ExecutorLoad,
     MemJob,
     Message,
     RunTask,
@@ -61,7 +60,7 @@ class _Task:
 
 
 class Executor(VestaActor):
-    """Runs :class:`RunTask` in worker processes, one slot per core this daemon may use."""
+    """Runs :class:`RunTask` in worker processes and stress on pinned cores."""
 
     def __init__(
         self, counters: Counters, links: Links, cores: list[int] | None = None,
@@ -70,7 +69,6 @@ class Executor(VestaActor):
         super().__init__(counters)
         self.links = links
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-        self.capacity = len(self.cores)
         self.output_cap_bytes = output_cap_bytes
         self.tasks: dict[str, _Task] = {}
         self.owner: dict[str, str] = {}  # worker id -> task id
@@ -84,10 +82,6 @@ class Executor(VestaActor):
 
     def stopping(self) -> None:
         self.supervisor.shutdown()
-
-    @property
-    def busy(self) -> int:
-        return len(self.owner)
 
     def handle(self, message: Message) -> Any:
         match message:
@@ -120,16 +114,15 @@ class Executor(VestaActor):
         if run.task_id in self.tasks:
             logger.warning("task %s is already running", run.task_id)
             return
-        free = self.capacity - self.busy
-        if self.draining or free <= 0:
-            why = "the daemon is stopping" if self.draining else "no free worker"
-            self.links.autopilot.tell(TaskDone(run.task_id, False, 0.0, 1, why))
+        if self.draining:
+            stopping = TaskDone(run.task_id, False, 0.0, 1, "the daemon is stopping")
+            self.links.autopilot.tell(stopping)
             return
         job = run.job
         if isinstance(job, CpuJob):
             pieces = [
                 {"seed": job.seed, "start": a, "end": b}
-                for a, b in split_units(run.start, run.end, free)
+                for a, b in split_units(run.start, run.end, max(1, run.workers))
             ]
         elif isinstance(job, MemJob):
             pieces = [{"mb": job.mb, "ms": job.ms}]
@@ -145,7 +138,6 @@ class Executor(VestaActor):
             task.workers.add(worker)
             self.owner[worker] = run.task_id
             self.supervisor.start_worker(worker, job.kind, params, run.lend)
-        self.report_load()
 
     def cancel(self, task_id: str) -> None:
         task = self.tasks.get(task_id)
@@ -186,7 +178,6 @@ class Executor(VestaActor):
                 logger.warning("task %s: %s", task.run.task_id, exited.error)
         if not task.workers:
             self.finish(task)
-        self.report_load()
 
     def finish(self, task: _Task) -> None:
         del self.tasks[task.run.task_id]
@@ -200,9 +191,6 @@ class Executor(VestaActor):
         self.links.autopilot.tell(
             TaskDone(task.run.task_id, ok, seconds, code, error, task.cancelled, task.detail)
         )
-
-    def report_load(self) -> None:
-        self.links.autopilot.tell(ExecutorLoad(self.busy, self.capacity))
 
     # -- stress ------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ killed without disturbing the others. The thread reports what happens as message
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -80,10 +81,8 @@ class Supervisor(threading.Thread):
 
     def _command(self, *command: Any) -> None:
         self._commands.put(command)
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        except OSError:
-            pass
 
     # -- the thread --------------------------------------------------------------------------------
 
@@ -188,26 +187,21 @@ class Supervisor(threading.Thread):
         else:
             status = worker.process.exitcode
             code = 128 - status if status is not None and status < 0 else 1
-            how = f"was killed by signal {-status}" if status and status < 0 else f"exited with status {status}"
+            killed = status is not None and status < 0
+            how = f"was killed by signal {-status}" if killed else f"exited with status {status}"
             error = f"the job process {how} before it finished"
             detail = {}
-        try:
+        with contextlib.suppress(ValueError):
             worker.process.close()
-        except ValueError:
-            pass
         self.report(WorkerExited(worker.worker_id, code, error, detail))
 
     def _kill(self, worker: _Worker) -> None:
         if worker.pgid is not None:
             _kill_group(worker.pgid)
-        try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.process.kill()
-        except (OSError, ValueError, AttributeError):
-            pass
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

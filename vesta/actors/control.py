@@ -1,0 +1,187 @@
+"""The Control actor: the daemon's Unix control socket, where ``vesta`` and ``vestatop`` connect.
+
+The socket is mode 0600 and refuses a peer of another user (SO_PEERCRED). Requests are
+length-prefixed msgpack messages of at most :data:`CONTROL_MAX_FRAME` bytes. Its
+:class:`SocketLoop` thread decodes them; bad input (garbage, a wrong type, an oversized frame) is
+answered with an :class:`ErrorReply`, counted, and never reaches an actor. Control routes each
+request to the actor that serves it and sends replies back to the right connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+from vesta.actors.base import VestaActor
+from vesta.actors.links import Links
+from vesta.counters import Counters
+from vesta.messages import (
+    CancelRequest,
+    ClientGone,
+    ClientRequest,
+    DecodeError,
+    Drain,
+    ErrorReply,
+    Message,
+    PeersRequest,
+    Serve,
+    StartStress,
+    StatusRequest,
+    StopStress,
+    StopStressRequest,
+    StressRequest,
+    SubmitRequest,
+    ToClient,
+    decode,
+    encode,
+)
+from vesta.transport.framing import CONTROL_MAX_FRAME, frame
+from vesta.transport.socketloop import SocketLoop
+
+logger = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+class ControlSocketError(RuntimeError):
+    """The control socket cannot be created."""
+
+
+def open_control_socket(path: str) -> socket.socket:
+    """Bind and listen on the control socket, mode 0600.
+
+    A socket file left by a daemon that died is removed, but only after a ``connect`` to it fails:
+    if a daemon answers there, this raises instead of stealing its socket.
+    """
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise ControlSocketError(f"{path} exists and is not a socket; remove it or use -socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody answers: a leftover
+        else:
+            raise ControlSocketError(f"another vestad is already serving {path}")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError as exc:
+        listener.close()
+        raise ControlSocketError(
+            f"cannot create the control socket {path}: {exc.strerror}"
+        ) from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    return listener
+
+
+class Control(VestaActor):
+    """Serves the control socket; routes requests to the autopilot and the executor."""
+
+    def __init__(
+        self, counters: Counters, links: Links, listener: socket.socket, path: str
+    ) -> None:
+        super().__init__(counters)
+        self.links = links
+        self.path = path
+        self.inode = os.stat(path).st_ino
+        self.draining = False
+        self.loop = SocketLoop(
+            listener, CONTROL_MAX_FRAME, on_open=self._on_open, on_frame=self._on_frame,
+            on_bad_frame=self._on_bad_frame, on_close=self._on_close, name="vesta-control",
+        )
+        self.listener = listener
+
+    def handle(self, message: Message) -> Any:
+        match message:
+            case Serve():
+                self.loop.start()
+                logger.info("control socket at %s", self.path)
+            case ClientRequest(client=client, request=request):
+                self.route(client, request)
+            case ToClient(client=client, msg=msg):
+                self.loop.send(client, encode(msg))
+            case ClientGone():
+                self.links.autopilot.tell(message)
+            case Drain():
+                self.draining = True
+            case _:
+                return super().handle(message)
+        return None
+
+    def route(self, client: int, request: Message) -> None:
+        match request:
+            case SubmitRequest() if self.draining:
+                self.counters.add("refused_jobs")
+                self.reply(client, ErrorReply("stopping", "the daemon is stopping; try again "
+                                              "once it is back"))
+            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
+                self.links.autopilot.tell(ClientRequest(client, request))
+            case StressRequest(cores=cores, seconds=seconds):
+                if cores < 0 or not 0 < seconds <= 86400:
+                    self.reply(client, ErrorReply("bad_request", "stress takes CORES >= 0 and "
+                                                  "SECS from 0 to 86400"))
+                else:
+                    self.links.executor.tell(StartStress(client, cores, seconds))
+            case StopStressRequest():
+                self.links.executor.tell(StopStress(client))
+            case _:
+                self.counters.add("bad_control_requests")
+                self.reply(client, ErrorReply("bad_request", f"{request.tag} is not a request"))
+
+    def reply(self, client: int, msg: Message) -> None:
+        self.loop.send(client, encode(msg))
+
+    def stopping(self) -> None:
+        self.loop.stop()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:  # still ours
+                Path(self.path).unlink()
+
+    # -- called in the socket loop's thread --------------------------------------------------------
+
+    def _on_open(self, conn_id: int, sock: socket.socket) -> bool:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        _pid, uid, _gid = _PEERCRED.unpack(creds)
+        if uid != os.getuid():
+            self.counters.add("refused_control_clients")
+            logger.warning("refused a control connection from uid %d", uid)
+            with contextlib.suppress(OSError):
+                sock.sendall(_error_frame("forbidden", "this daemon belongs to another user"))
+            return False
+        return True
+
+    def _on_frame(self, conn_id: int, payload: bytes) -> None:
+        try:
+            request = decode(payload)
+        except DecodeError as exc:
+            self.counters.add("bad_control_requests")
+            reply = ErrorReply("bad_request", f"not a vesta request: {exc}")
+            self.loop.send(conn_id, encode(reply))
+            return
+        self.actor_ref.tell(ClientRequest(conn_id, request))
+
+    def _on_bad_frame(self, conn_id: int, error: str) -> None:
+        self.counters.add("bad_control_requests")
+        self.loop.send(conn_id, encode(ErrorReply("bad_frame", error)), close_after=True)
+
+    def _on_close(self, conn_id: int) -> None:
+        self.actor_ref.tell(ClientGone(conn_id))
+
+
+def _error_frame(code: str, error: str) -> bytes:
+    return frame(encode(ErrorReply(code, error)))
