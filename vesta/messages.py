@@ -509,7 +509,9 @@ class CountRunning(Message):
 
 
 class CancelAll(Message):
-    """Launcher -> Autopilot: cancel every job; the daemon stops now."""
+    """Launcher -> Autopilot: cancel every job, telling the clients ``reason``."""
+
+    reason: str = "cancelled"
 
 
 # -- executor internals: its process supervisor thread reports these -----------------------------

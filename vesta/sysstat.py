@@ -8,6 +8,7 @@ started with ``taskset -c 1`` has one core, and its load is that core's load.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,3 +179,21 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def ipv4_interfaces() -> list[tuple[str, str, str | None]]:
+    """(interface, address, broadcast) for each IPv4 address, loopback excluded."""
+    import psutil  # only the daemon needs it
+
+    found = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                found.append((name, a.address, a.broadcast))
+    return found
+
+
+def primary_ipv4() -> str | None:
+    """The first non-loopback IPv4 address, the one to tell peers when nothing else is set."""
+    interfaces = ipv4_interfaces()
+    return interfaces[0][1] if interfaces else None

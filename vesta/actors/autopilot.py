@@ -100,7 +100,7 @@ class _Job:
     started: float | None = None
     attempts: int = 0
     retried: int = 0
-    cancelled: bool = False
+    cancelled: str = ""  # why, once it is cancelled
     last_progress: float = 0.0
     failure: tuple[int, str] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -172,9 +172,9 @@ class Autopilot(VestaActor):
                     self.finish(self.jobs[job_id], error="the daemon is stopping", exit_code=125)
             case CountRunning():
                 return len(self.tasks)
-            case CancelAll():
+            case CancelAll(reason=reason):
                 for job in list(self.jobs.values()):
-                    self.cancel(job)
+                    self.cancel(job, reason)
             case _:
                 return super().handle(message)
         return None
@@ -352,7 +352,7 @@ class Autopilot(VestaActor):
     def settle(self, job: _Job, last: TaskDone) -> None:
         """All parts of a job ended: finish it, or run again what is missing."""
         if job.cancelled:
-            self.finish(job, error="cancelled", exit_code=130)
+            self.finish(job, error=job.cancelled, exit_code=130)
             return
         if isinstance(job.job, CpuJob):
             if len(job.results) == job.total:
@@ -412,11 +412,11 @@ class Autopilot(VestaActor):
         logger.info("job %s %s in %.2f s%s", job.job_id, "done" if ok else "failed",
                     result["seconds"], f": {error}" if error else "")
 
-    def cancel(self, job: _Job) -> None:
+    def cancel(self, job: _Job, reason: str = "cancelled") -> None:
         if job.job_id in self.queue:
-            self.finish(job, error="cancelled", exit_code=130)
+            self.finish(job, error=reason, exit_code=130)
             return
-        job.cancelled = True
+        job.cancelled = reason
         for task_id in job.parts:
             self.links.executor.tell(CancelTask(task_id))
 

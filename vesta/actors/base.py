@@ -66,6 +66,15 @@ class VestaActor(pykka.ThreadingActor):
         """Release what the actor holds; called once, in the actor's thread, as it stops."""
 
 
+def tell_quietly(ref: pykka.ActorRef[Any], message: Message) -> bool:
+    """Tell from an I/O thread; False, and nothing raised, if the actor has already stopped."""
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        return False
+    return True
+
+
 class Ticker(threading.Thread):
     """A timer thread that tells an actor the same message at a fixed interval."""
 
@@ -78,9 +87,7 @@ class Ticker(threading.Thread):
 
     def run(self) -> None:
         while not self._stopped.wait(self.seconds):
-            try:
-                self.target.tell(self.message)
-            except pykka.ActorDeadError:
+            if not tell_quietly(self.target, self.message):
                 return
 
     def stop(self) -> None:

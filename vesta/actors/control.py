@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from vesta.actors.base import VestaActor
+from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
 from vesta.counters import Counters
 from vesta.messages import (
@@ -173,14 +173,14 @@ class Control(VestaActor):
             reply = ErrorReply("bad_request", f"not a vesta request: {exc}")
             self.loop.send(conn_id, encode(reply))
             return
-        self.actor_ref.tell(ClientRequest(conn_id, request))
+        tell_quietly(self.actor_ref, ClientRequest(conn_id, request))
 
     def _on_bad_frame(self, conn_id: int, error: str) -> None:
         self.counters.add("bad_control_requests")
         self.loop.send(conn_id, encode(ErrorReply("bad_frame", error)), close_after=True)
 
     def _on_close(self, conn_id: int) -> None:
-        self.actor_ref.tell(ClientGone(conn_id))
+        tell_quietly(self.actor_ref, ClientGone(conn_id))
 
 
 def _error_frame(code: str, error: str) -> bytes:

@@ -14,9 +14,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from vesta.actors.base import VestaActor
+from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
 from vesta.actors.supervisor import Supervisor
 from vesta.counters import Counters
@@ -75,7 +76,7 @@ class Executor(VestaActor):
         self.stress_workers: set[str] = set()
         self.draining = False
         self._ids = itertools.count(1)
-        self.supervisor = Supervisor(report=self.actor_ref.tell)
+        self.supervisor = Supervisor(report=partial(tell_quietly, self.actor_ref))
 
     def on_start(self) -> None:
         self.supervisor.start()

@@ -88,8 +88,10 @@ class Supervisor(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not (self._closing and not self._workers):
+            while True:
                 self._run_commands()
+                if self._closing and not self._workers:
+                    break
                 watched: list[Any] = [self._wake_r]
                 for w in self._workers.values():
                     watched += [w.reader, w.process.sentinel]

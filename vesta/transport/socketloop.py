@@ -122,11 +122,24 @@ class SocketLoop(threading.Thread):
             logger.exception("the socket loop failed")
             raise
         finally:
+            self._flush_all(deadline=1.0)
             for conn_id in list(self._conns):
                 self._drop(conn_id)
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _flush_all(self, deadline: float) -> None:
+        """On stop: give every client what is queued for it, within ``deadline`` seconds each."""
+        for conn in list(self._conns.values()):
+            with self._lock:
+                chunks, conn.out = list(conn.out), deque()
+            try:
+                conn.sock.settimeout(deadline)
+                for chunk in chunks:
+                    conn.sock.sendall(chunk)
+            except OSError:
+                continue
 
     def _update_interest(self) -> None:
         with self._lock:

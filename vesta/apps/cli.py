@@ -1,0 +1,404 @@
+"""vesta: submit work to a vesta federation and see how it is doing.
+
+Usage:
+  vesta [options] peers
+  vesta [options] status
+  vesta [options] [submit] cpu <N> [--seed=<S>]
+  vesta [options] [submit] mem <MB> <MS>
+  vesta [options] exec [--gpu] [--timeout=<SECS>] [--] <cmd>...
+  vesta [options] stress <cores> <secs>
+  vesta [options] stop-stress
+  vesta (-h | --help)
+  vesta --version
+
+Commands:
+  peers        the other nodes this daemon knows
+  status       this node, its peers, ledger, jobs and counters
+  cpu N        N million SHA-256 iterations, placed where there is room
+  mem MB MS    hold MB MiB for MS milliseconds
+  exec CMD     run a command where there is room; exits with its status
+  stress C S   pin C of the daemon's cores (0 = all) for S seconds, to see work spill
+  stop-stress  end a stress early
+
+Options:
+  --node=<NAME>     the daemon of node NAME (else $VESTA_NODE, else the only one running)
+  --socket=<PATH>   the daemon on this control socket (else $VESTA_SOCKET)
+  --json            print one JSON document and nothing else on stdout
+  --seed=<S>        seed of a cpu job [default: 0]
+  --timeout=<SECS>  kill the command after SECS seconds (exit status 124)
+  --gpu             run only on a node with a GPU
+  --debug           show tracebacks on errors
+  -h --help         show this help
+  --version         show the version
+
+Exit status: 0 done, 1 the job failed, 2 usage or input error, 3 no daemon to talk to;
+exec exits with the command's own status (124 timed out, 125 could not run it,
+126 not executable, 127 not found, 128+N killed by signal N).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from docopt import DocoptExit, docopt
+
+from vesta import __version__
+from vesta.client import Client, UsageError, VestaError, find_socket
+from vesta.messages import (
+    AnyJob,
+    CpuJob,
+    ErrorReply,
+    ExecJob,
+    JobAccepted,
+    JobDone,
+    JobOutput,
+    JobProgress,
+    JobStarted,
+    MemJob,
+    StopStressRequest,
+    StressReply,
+    StressRequest,
+)
+
+EXIT_USAGE, EXIT_CANCELLED = 2, 130
+_USAGE = __doc__ or ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = docopt(_USAGE, argv=argv, version=f"vesta {__version__}")
+    except DocoptExit as exc:  # docopt exits 1 on a usage error; the contract says 2
+        print(str(exc) or _USAGE.split("\n\n")[1], file=sys.stderr)
+        return EXIT_USAGE
+    debug = bool(args["--debug"])
+    try:
+        return Command(args).run()
+    except VestaError as exc:
+        if debug:
+            raise
+        print(f"vesta: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vesta: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def _int(text: str, what: str, low: int = 0) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a whole number, not {text!r}") from None
+    if value < low:
+        raise UsageError(f"{what} must be at least {low}, not {value}")
+    return value
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what} must be a number, not {text!r}") from None
+    if not value > 0:
+        raise UsageError(f"{what} must be more than 0, not {text}")
+    return value
+
+
+class Command:
+    """One invocation of ``vesta``."""
+
+    def __init__(self, args: dict[str, Any], out: TextIO | None = None) -> None:
+        self.args = args
+        self.json = bool(args["--json"])
+        self.out = out or sys.stdout
+        self.node: str | None = args["--node"]
+        self.socket_path: str | None = args["--socket"]
+
+    def run(self) -> int:
+        a = self.args
+        actions: list[tuple[str, Callable[[], int]]] = [
+            ("peers", self.peers), ("status", self.status), ("cpu", self.cpu), ("mem", self.mem),
+            ("exec", self.exec), ("stress", self.stress), ("stop-stress", self.stop_stress),
+        ]
+        for name, action in actions:
+            if a[name]:
+                return action()
+        raise UsageError("no command given")
+
+    def connect(self, timeout: float | None = 10.0) -> Client:
+        return Client(find_socket(self.node, self.socket_path), timeout)
+
+    def emit(self, doc: Any) -> None:
+        self.out.write(json.dumps(doc, indent=None if self.json else 2) + "\n")
+        self.out.flush()
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    def peers(self) -> int:
+        with self.connect() as client:
+            peers = client.peers()
+        if self.json:
+            self.emit({"peers": peers})
+        elif not peers:
+            self.out.write("no peers yet. Nodes on the same subnet show up within about 5 s; if "
+                           "none do, check that they share the key and that UDP 7778 is open.\n")
+        else:
+            self.out.write(format_peers(peers))
+        return 0
+
+    def status(self) -> int:
+        with self.connect() as client:
+            doc = client.status()
+        if self.json:
+            self.emit(doc)
+        else:
+            self.out.write(format_status(doc))
+        return 0
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def cpu(self) -> int:
+        n = _int(self.args["<N>"], "N", 1)
+        seed = _int(self.args["--seed"], "--seed")
+        return self.submit(CpuJob(n, seed))
+
+    def mem(self) -> int:
+        return self.submit(MemJob(_int(self.args["<MB>"], "MB", 1), _int(self.args["<MS>"], "MS")))
+
+    def exec(self) -> int:
+        timeout = self.args["--timeout"]
+        seconds = _float(timeout, "--timeout") if timeout is not None else None
+        return self.submit(ExecJob(list(self.args["<cmd>"]), seconds, bool(self.args["--gpu"])))
+
+    def submit(self, job: AnyJob) -> int:
+        view = JobView(job, self.json, sys.stderr)
+        with self.connect() as client:
+            try:
+                for event in client.submit(job):
+                    view.show(event)
+            except KeyboardInterrupt:
+                return self.cancel(client, view)
+        return view.finish(self.out)
+
+    def cancel(self, client: Client, view: JobView) -> int:
+        """Ctrl-C: cancel the job everywhere it runs, and wait briefly to hear that it is gone."""
+        view.clear()
+        print("vesta: cancelling…", file=sys.stderr)
+        try:
+            client.cancel(view.job_id)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                event = client.receive(timeout=max(0.1, deadline - time.monotonic()))
+                if isinstance(event, JobDone | ErrorReply):
+                    break
+        except (VestaError, KeyboardInterrupt):
+            pass
+        print(f"vesta: cancelled job {view.job_id or '(not started)'}", file=sys.stderr)
+        return EXIT_CANCELLED
+
+    # -- stress ------------------------------------------------------------------------------------
+
+    def stress(self) -> int:
+        cores = _int(self.args["<cores>"], "CORES")
+        seconds = _float(self.args["<secs>"], "SECS")
+        with self.connect() as client:
+            reply = client.request(StressRequest(cores, seconds))
+        assert isinstance(reply, StressReply)
+        if self.json:
+            self.emit({"cores": reply.cores, "seconds": reply.seconds})
+        else:
+            self.out.write(f"stressing {reply.cores} core{'s' * (reply.cores != 1)} for "
+                           f"{reply.seconds:g} s (vesta stop-stress ends it)\n")
+        return 0
+
+    def stop_stress(self) -> int:
+        with self.connect() as client:
+            reply = client.request(StopStressRequest())
+        assert isinstance(reply, StressReply)
+        if self.json:
+            self.emit({"stopped": reply.stopped})
+        else:
+            self.out.write(f"stopped {reply.stopped} stress process"
+                           f"{'es' * (reply.stopped != 1)}\n" if reply.stopped
+                           else "no stress was running\n")
+        return 0
+
+
+class JobView:
+    """Shows a job's events: a progress line on a terminal, the output of exec, the result."""
+
+    def __init__(self, job: AnyJob, as_json: bool, err: TextIO) -> None:
+        self.job = job
+        self.as_json = as_json
+        self.err = err
+        self.live = err.isatty() and not as_json
+        self.job_id = ""
+        self.nodes: list[str] = []
+        self.stdout: list[bytes] = []
+        self.stderr: list[bytes] = []
+        self.done: JobDone | None = None
+        self.started = time.monotonic()
+        self._line = False
+
+    def show(self, event: Any) -> None:
+        match event:
+            case JobAccepted(job_id=job_id, queued=queued, position=position):
+                self.job_id = job_id
+                if queued and not self.as_json:
+                    self.note(f"queued (position {position}): waiting for a free worker…")
+            case JobStarted(node=node):
+                if node not in self.nodes:
+                    self.nodes.append(node)
+            case JobProgress(done=done, total=total, nodes=nodes):
+                if self.live:
+                    self.progress(done, total, nodes)
+            case JobOutput(stream=stream, data=data):
+                self.output(stream, data)
+            case JobDone():
+                self.done = event
+
+    def output(self, stream: str, data: bytes) -> None:
+        if self.as_json:
+            (self.stdout if stream == "stdout" else self.stderr).append(data)
+            return
+        self.clear()
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        target.buffer.write(data)
+        target.buffer.flush()
+
+    def note(self, text: str) -> None:
+        self.clear()
+        self.err.write(f"vesta: {text}\n")
+        self.err.flush()
+
+    def progress(self, done: int, total: int, nodes: dict[str, int]) -> None:
+        width = 24
+        filled = width * done // max(total, 1)
+        where = ", ".join(f"{n} {u}" for n, u in sorted(nodes.items()))
+        pct = 100 * done // max(total, 1)
+        elapsed = time.monotonic() - self.started
+        self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:3d}%  {done}/{total} "
+                       f"units  {elapsed:5.1f} s  {where}\x1b[K")
+        self.err.flush()
+        self._line = True
+
+    def clear(self) -> None:
+        if self._line:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self._line = False
+
+    def finish(self, out: TextIO) -> int:
+        self.clear()
+        done = self.done
+        if done is None:
+            raise VestaError("the daemon ended the job without a result")
+        if self.as_json:
+            doc = dict(done.result) if done.result else {"job_id": done.job_id}
+            if isinstance(self.job, ExecJob):
+                doc["stdout"] = b"".join(self.stdout).decode("utf-8", "replace")
+                doc["stderr"] = b"".join(self.stderr).decode("utf-8", "replace")
+                doc["exit_code"] = done.exit_code
+            if not done.ok:
+                doc.update(error=done.error, exit_code=done.exit_code)
+            out.write(json.dumps(doc) + "\n")
+            out.flush()
+            if not done.ok and not done.job_id:
+                print(f"vesta: {done.error}", file=sys.stderr)
+        elif not done.ok:
+            failed = done.job_id and not isinstance(self.job, ExecJob)
+            print(f"vesta: {_describe(self.job)} failed: {done.error}" if failed
+                  else f"vesta: {done.error}", file=sys.stderr)
+        else:
+            self.summary(done, out)
+        return done.exit_code
+
+    def summary(self, done: JobDone, out: TextIO) -> None:
+        r = done.result
+        where = ", ".join(f"{p['node']} ({p['units']} unit{'s' * (p['units'] != 1)})"
+                          for p in r.get("placements", []))
+        if isinstance(self.job, ExecJob):
+            self.err.write(f"vesta: ran on {r.get('node', '?')} in {r['seconds']:.2f} s, "
+                           f"exit status {done.exit_code}\n")
+            return
+        out.write(f"{_describe(self.job)} done in {r['seconds']:.2f} s on {where}\n")
+        if r.get("retried"):
+            out.write(f"retried  {r['retried']} units after a failure\n")
+        if "digest" in r:
+            out.write(f"digest   {r['digest']}\n")
+        out.flush()
+
+
+def _describe(job: AnyJob) -> str:
+    match job:
+        case CpuJob(n=n):
+            return f"cpu {n}"
+        case MemJob(mb=mb, ms=ms):
+            return f"mem {mb} MiB for {ms} ms"
+        case ExecJob(argv=argv):
+            return " ".join(argv)
+    return job.tag
+
+
+# -- formatting for people -------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n"
+        for row in rows
+    )
+
+
+def format_peers(peers: list[dict[str, Any]]) -> str:
+    rows = [["NAME", "ADDRESS", "CPU", "MEM FREE", "POWER", "SEEN"]]
+    for p in peers:
+        rows.append([p["name"], p.get("address", ""), f"{p['cpu_pct']:.0f}%",
+                     f"{p['mem_available_mb']} MiB", p["power"], f"{p['last_seen_s']:.1f} s ago"])
+    return table(rows)
+
+
+def format_status(doc: dict[str, Any]) -> str:
+    n = doc["node"]
+    lines = [
+        ["node", f"{n['name']}  {n['address']}  v{n['version']}  {n['fingerprint']}"],
+        ["cpu", f"{n['cpu_pct']:.0f}% of {n['cores']} core{'s' * (n['cores'] != 1)}, "
+                f"{n['workers_busy']}/{n['workers']} workers busy, {n['queued']} queued"],
+        ["memory", f"{n['mem_available_mb']} MiB free of {n['mem_total_mb']} MiB"],
+        ["power", f"{n['power']}, lending {n['willingness']:.0%}"
+                  + (f", battery {n['battery_pct']:.0f}%" if n.get("battery_pct") is not None
+                     else "")],
+        ["offer", f"{n['offer_workers']} worker{'s' * (n['offer_workers'] != 1)}, "
+                  f"{n['offer_mem_mb']} MiB; exec "
+                  + ("allowed" if n["allow_exec"] else "off")],
+    ]
+    if n.get("temps_c"):
+        lines.append(["temp", ", ".join(f"{k} {v:.0f}°C" for k, v in n["temps_c"].items())])
+    lines.append(["peers", str(len(doc["peers"])) if doc["peers"] else "none yet"])
+    text = table(lines)
+    if doc["peers"]:
+        text += "\n" + format_peers(doc["peers"])
+    if doc["ledger"]:
+        rows = [["PEER", "LENT core-s", "BORROWED core-s"]]
+        for peer, entry in doc["ledger"].items():
+            rows.append([peer, f"{entry['lent']:.1f}", f"{entry['borrowed']:.1f}"])
+        text += "\n" + table(rows)
+    if doc["jobs"]:
+        rows = [["JOB", "KIND", "STATE", "PROGRESS", "NODES", "AGE"]]
+        for j in doc["jobs"]:
+            rows.append([j["job_id"], j["kind"], j["state"], f"{j['done']}/{j['total']}",
+                         ",".join(j["nodes"]) or "-", f"{j['seconds']:.0f} s"])
+        text += "\n" + table(rows)
+    troubles = {k: v for k, v in doc["counters"].items() if v}
+    if troubles:
+        text += "\n" + table([[k, str(v)] for k, v in sorted(troubles.items())])
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``vestad``: parse the command line, build the configuration, then run the daemon.
+
+Every flag comes from :data:`vesta.config.SCHEMA`, in the seed's single-dash spelling (``-name``)
+and the usual double-dash one (``--name``). This module imports nothing heavy at its top: job
+processes start from a fork server that imports the main module once, and it should stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vesta import __version__
+from vesta.config import SCHEMA, ConfigError, Field, build_config, load_file
+
+EXIT_CONFIG = 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vestad",
+        description="The vesta daemon: one per machine. Nodes started with the same key find "
+        "each other and share their spare CPU and memory.",
+        epilog="Every setting can also come from -config FILE (JSON; see config.example.json). "
+        "Flags override the file. The key may come from -key, -key-file or VESTA_KEY.",
+        allow_abbrev=False,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("-config", "--config", metavar="PATH",
+                        help="a JSON configuration file")
+    parser.add_argument("-version", "--version", action="version",
+                        version=f"vestad {__version__}")
+    for f in SCHEMA:
+        _add_flag(parser, f)
+    return parser
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: Field) -> None:
+    names = [f"-{f.flag_name}", f"--{f.flag_name}"]
+    if f.kind is bool:
+        parser.add_argument(*names, dest=f.name, action="store_true", help=f.help)
+    elif f.kind is list:
+        parser.add_argument(*names, dest=f.name, type=_comma_list, metavar="A,B,...", help=f.help)
+    else:
+        metavar = "|".join(f.choices) if f.choices else f.flag_name.split("-")[0].upper()
+        kind: Any = f.kind
+        parser.add_argument(*names, dest=f.name, type=kind, metavar=metavar, help=f.help)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(make_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    try:
+        from_file = load_file(config_path) if config_path else {}
+        config = build_config(from_file, args)
+    except ConfigError as exc:
+        print(f"vestad: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from vesta.daemon import run  # the heavy imports start here
+
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The daemon's life: start the actors in dependency order, serve, stop them in reverse order.
+
+The main thread owns the signals: SIGINT and SIGTERM only set an event. It then watches the actors;
+if one dies, the daemon stops rather than run deaf. Stopping takes no new work, gives running local
+jobs up to :data:`SHUTDOWN_GRACE` seconds, cancels the rest, stops every actor (each with a
+timeout), removes the control socket, and exits 0. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import pykka
+
+from vesta import __version__
+from vesta.actors.autopilot import Autopilot
+from vesta.actors.control import Control, ControlSocketError, open_control_socket
+from vesta.actors.executor import Executor
+from vesta.actors.links import Links
+from vesta.counters import Counters
+from vesta.identity import IdentityError, load_or_create
+from vesta.messages import CancelAll, CountRunning, Drain, Serve
+from vesta.statefiles import StateFileError
+from vesta.sysstat import Sysstat, primary_ipv4
+
+logger = logging.getLogger("vesta.daemon")
+
+#: Seconds local jobs get to finish when the daemon is asked to stop.
+SHUTDOWN_GRACE = 10.0
+#: Seconds each actor gets to stop.
+ACTOR_STOP_TIMEOUT = 5.0
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s vestad %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(config: Any) -> int:
+    """Run a daemon with a validated configuration until a signal stops it."""
+    setup_logging(config.log_level)
+    try:
+        identity = load_or_create(config.state_dir, config.name)
+        listener = open_control_socket(config.socket)
+    except (IdentityError, StateFileError, ControlSocketError, OSError) as exc:
+        logger.error("%s", exc)
+        return EXIT_FAILED
+
+    stop = threading.Event()
+    hurry = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        (hurry if stop.is_set() else stop).set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    counters = Counters()
+    links = Links()
+    sysstat = Sysstat()
+    address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
+    started: list[pykka.ActorRef[Any]] = []
+    try:
+        links.executor = Executor.start(
+            counters, links, sorted(sysstat.cpus), config.exec_output_max_mb << 20
+        )
+        started.append(links.executor)
+        links.autopilot = Autopilot.start(
+            counters, links, config, identity.fingerprint, sysstat, address
+        )
+        started.append(links.autopilot)
+        links.control = Control.start(counters, links, listener, config.socket)
+        started.append(links.control)
+        links.control.tell(Serve())
+        logger.info("vestad %s: node %s (%s), %d cores, fingerprint %s", __version__,
+                    config.name, address, len(sysstat.cpus), identity.fingerprint)
+        code = _serve(stop, started)
+        _shut_down(links, hurry)
+    finally:
+        for ref in reversed(started):
+            _stop_actor(ref)
+        pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
+        listener.close()
+    logger.info("stopped")
+    return code
+
+
+def _serve(stop: threading.Event, actors: list[pykka.ActorRef[Any]]) -> int:
+    """Wait for a signal; return early, failed, if an actor died."""
+    while not stop.wait(0.5):
+        dead = [ref for ref in actors if not ref.is_alive()]
+        if dead:
+            logger.error("%s stopped unexpectedly; shutting down", dead[0])
+            return EXIT_FAILED
+    logger.info("stopping: no new work; running jobs get up to %g s", SHUTDOWN_GRACE)
+    return EXIT_OK
+
+
+def _shut_down(links: Links, hurry: threading.Event) -> None:
+    for ref in (links.control, links.autopilot, links.executor):
+        ref.tell(Drain())
+    deadline = time.monotonic() + SHUTDOWN_GRACE
+    while time.monotonic() < deadline and not hurry.is_set():
+        if _wait_idle(links, min(deadline, time.monotonic() + 0.2)):
+            return
+    logger.info("cancelling the jobs still running")
+    links.autopilot.tell(CancelAll("cancelled: the daemon is stopping"))
+    _wait_idle(links, time.monotonic() + ACTOR_STOP_TIMEOUT)
+
+
+def _wait_idle(links: Links, deadline: float) -> bool:
+    """Wait until no local task runs; False at the deadline."""
+    while time.monotonic() < deadline:
+        try:
+            if not links.autopilot.ask(CountRunning(), timeout=1.0):
+                return True
+        except (pykka.ActorDeadError, pykka.Timeout):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _stop_actor(ref: pykka.ActorRef[Any]) -> None:
+    try:
+        ref.stop(timeout=ACTOR_STOP_TIMEOUT)
+    except pykka.Timeout:
+        logger.error("%s did not stop in %g s", ref, ACTOR_STOP_TIMEOUT)
