@@ -1,0 +1,152 @@
+"""Fixtures shared by every test: a clean pykka runtime, real daemons, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pykka
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test-federation-key-0123456789"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             what: str = "a condition") -> Any:
+    """Poll ``predicate`` until it returns something true; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors() -> Iterator[None]:
+    yield
+    pykka.ActorRegistry.stop_all(timeout=10)
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a program under test: this checkout first on the path, no stray keys."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VESTA_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``vesta ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "vesta.apps.cli", *args], capture_output=True, text=True,
+        env=env or python_env(), timeout=timeout, stdin=subprocess.DEVNULL, **kwargs,
+    )
+
+
+@dataclass
+class Daemon:
+    """A real vestad in a subprocess."""
+
+    name: str
+    socket: str
+    state_dir: Path
+    proc: subprocess.Popen[str]
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return run_cli("--socket", self.socket, *args, **kwargs)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the daemon and wait for it; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
+                 env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+    """Start vestad with a private state directory and control socket, and wait until it answers."""
+    name = name or f"t{secrets.token_hex(3)}"
+    sock = f"/tmp/vestad-test-{name}.sock"
+    state = tmp_path / f"state-{name}"
+    log = tmp_path / f"vestad-{name}.log"
+    args = ["-name", name, "-state-dir", str(state), "-socket", sock, "-log-level", "debug",
+            *extra]
+    if not any(a in extra for a in ("-key", "--key", "-key-file", "--key-file")):
+        args += ["-key", KEY]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vesta.apps.vestad", *args], stdout=out,
+            stderr=subprocess.STDOUT, env=env or python_env(), stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    daemon = Daemon(name, sock, state, proc, log, args)
+    if wait:
+        wait_for(lambda: proc.poll() is not None or _answers(sock), timeout=20,
+                 what=f"vestad {name} to answer on {sock}")
+        if proc.poll() is not None:
+            pytest.fail(f"vestad exited with {proc.returncode}:\n{daemon.log_text()}")
+    return daemon
+
+
+def _answers(sock: str) -> bool:
+    from vesta.client import Client, VestaError
+
+    try:
+        with Client(sock, timeout=2) as client:
+            client.status()
+    except VestaError:
+        return False
+    return True
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start daemons; each is stopped after the test, which fails if one leaves a process behind."""
+    started: list[Daemon] = []
+
+    def factory(*extra: str, **kwargs: Any) -> Daemon:
+        d = start_daemon(tmp_path, *extra, **kwargs)
+        started.append(d)
+        return d
+
+    yield factory
+    for d in started:
+        children = d.descendants()
+        if d.proc.poll() is None:
+            d.stop()
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        for p in alive:
+            p.kill()
+        assert not alive, f"processes outlived vestad {d.name}: {alive}"
+        Path(d.socket).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """One running daemon."""
+    return daemon_factory()
