@@ -163,6 +163,9 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
     if program is None:
         conn.send(("done", 127, f"{argv[0]}: command not found", {}))
         return
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        conn.send(("done", 126, f"{argv[0]}: not executable", {}))
+        return
     try:
         proc = subprocess.Popen(
             [program, *argv[1:]], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
@@ -170,14 +173,16 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
             preexec_fn=die_with_parent,  # safe: this process has a single thread
         )
     except PermissionError:
-        conn.send(("done", 126, f"{argv[0]}: permission denied (not executable)", {}))
+        conn.send(("done", 126, f"{argv[0]}: not executable (permission denied)", {}))
         return
     except FileNotFoundError:
         conn.send(("done", 127, f"{argv[0]}: command not found", {}))
         return
     except OSError as exc:
-        code = 126 if exc.errno in (errno.ENOEXEC, errno.EACCES, errno.EISDIR) else 125
-        conn.send(("done", code, f"{argv[0]}: cannot run: {exc.strerror}", {}))
+        if exc.errno in (errno.ENOEXEC, errno.EACCES, errno.EISDIR):
+            conn.send(("done", 126, f"{argv[0]}: not executable ({exc.strerror})", {}))
+        else:
+            conn.send(("done", 125, f"{argv[0]}: cannot run: {exc.strerror}", {}))
         return
     conn.send(("pgid", proc.pid))
     signal.signal(signal.SIGTERM, lambda *_: _kill_group_and_exit(proc.pid))

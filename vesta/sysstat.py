@@ -12,6 +12,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+#: The shortest span, in jiffies (usually 10 ms) per CPU, over which a load figure is computed.
+MIN_JIFFIES = 5
+
 
 @dataclass(frozen=True)
 class Supply:
@@ -44,6 +47,7 @@ class Sysstat:
         self.root = Path(root)
         self.cpus = frozenset(cpus if cpus is not None else os.sched_getaffinity(0))
         self._last = self._cpu_times()
+        self._pct = 0.0
         self._gpu: bool | None = None
 
     def read(self) -> Reading:
@@ -61,7 +65,11 @@ class Sysstat:
     # -- CPU ---------------------------------------------------------------------------------------
 
     def cpu_pct(self) -> float:
-        """Busy share of the allowed CPUs since the previous call, 0-100."""
+        """Busy share of the allowed CPUs since the previous call, 0-100.
+
+        Over too short a span (under :data:`MIN_JIFFIES` per CPU) the counters say nothing
+        useful: the previous figure is kept and the span goes on.
+        """
         now = self._cpu_times()
         busy = total = 0
         for cpu in self.cpus:
@@ -69,8 +77,10 @@ class Sysstat:
                 (b1, t1), (b0, t0) = now[cpu], self._last[cpu]
                 busy += b1 - b0
                 total += t1 - t0
-        self._last = now
-        return round(100.0 * busy / total, 1) if total > 0 else 0.0
+        if total >= MIN_JIFFIES * max(1, len(self.cpus)):
+            self._last = now
+            self._pct = round(100.0 * busy / total, 1)
+        return self._pct
 
     def _cpu_times(self) -> dict[int, tuple[int, int]]:
         """(busy, total) jiffies per CPU from /proc/stat."""
