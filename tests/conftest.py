@@ -90,10 +90,11 @@ class Daemon:
 def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
                  env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
     """Start vestad with a private state directory and control socket, and wait until it answers."""
-    name = name or f"t{secrets.token_hex(3)}"
-    sock = f"/tmp/vestad-test-{name}.sock"
-    state = tmp_path / f"state-{name}"
-    log = tmp_path / f"vestad-{name}.log"
+    tag = secrets.token_hex(3)
+    name = name or f"t{tag}"
+    sock = f"/tmp/vestad-test-{tag}.sock"
+    state = tmp_path / f"state-{tag}"
+    log = tmp_path / f"vestad-{tag}.log"
     args = ["-name", name, "-state-dir", str(state), "-socket", sock, "-log-level", "debug",
             *extra]
     if not any(a in extra for a in ("-key", "--key", "-key-file", "--key-file")):
@@ -139,7 +140,7 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         children = d.descendants()
         if d.proc.poll() is None:
             d.stop()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _gone, alive = psutil.wait_procs(children, timeout=10)
         for p in alive:
             p.kill()
         assert not alive, f"processes outlived vestad {d.name}: {alive}"
