@@ -7,6 +7,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,13 +26,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
              what: str = "a condition") -> Any:
     """Poll ``predicate`` until it returns something true; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
+    pause = threading.Event()  # never set: its wait() is the polling interval
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+        pause.wait(interval)
 
 
 @pytest.fixture(autouse=True)
