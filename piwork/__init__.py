@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.pool
+import multiprocessing.resource_tracker
 import os
 import random
 import signal
@@ -134,7 +135,10 @@ def estimate(samples: int, seed: int | None = None) -> Estimate:
         # Block SIGINT while the workers are created: spawned children inherit the mask,
         # so a Ctrl-C during their start-up cannot raise inside them before
         # _ignore_sigint runs. A Ctrl-C aimed at the parent meanwhile stays pending and
-        # is raised here as soon as the mask is restored.
+        # is raised here as soon as the mask is restored. The resource tracker is
+        # started first because starting it unconditionally *unblocks* SIGINT, which
+        # would silently undo the block if it happened inside the Pool constructor.
+        multiprocessing.resource_tracker.ensure_running()
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             pool = ctx.Pool(processes=cores, initializer=_ignore_sigint)
