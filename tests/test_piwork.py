@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
 
 from piwork import Estimate, split_samples
 from piwork.__main__ import format_report, main, parse_millions
+from tests.conftest import wait_for
 
 PROJECT = "/work/main"
 SMALL_N = "0.2"  # 200,000 samples: a fraction of a second, yet a stable estimate.
@@ -216,17 +216,16 @@ def test_ctrl_c_stops_workers_and_exits_130(phase: str) -> None:
     try:
         # Poll (bounded) for the phase we want, then send SIGINT to the whole process
         # group, as a terminal does on Ctrl-C.
-        deadline = time.monotonic() + 30
         workers: set[int] = set()
-        while True:
+
+        def reached() -> bool:
             assert proc.poll() is None, "piwork exited before it was interrupted"
-            assert time.monotonic() < deadline, f"workers never reached phase {phase!r}"
-            workers |= _worker_pids(proc.pid)
-            if phase == "starting" and workers:
-                break
-            if len(workers) == cores and all(_ignores_sigint(pid) for pid in workers):
-                break
-            time.sleep(0.005)
+            workers.update(_worker_pids(proc.pid))
+            if phase == "starting":
+                return bool(workers)
+            return len(workers) == cores and all(_ignores_sigint(pid) for pid in workers)
+
+        wait_for(reached, timeout=30, interval=0.005, what=f"workers in phase {phase!r}")
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
