@@ -32,6 +32,7 @@ UNIT_ITERATIONS = 100_000
 UNITS_PER_MILLION = 10
 PAGE = mmap.PAGESIZE
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 # -- the cpu job's arithmetic, shared with the daemon and the tests --------------------------------
@@ -65,11 +66,12 @@ def prepare_child(lend: bool) -> None:
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this process when its parent ends (Linux only; best effort)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _prctl(option: int, value: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
 def lowest_priority() -> None:
@@ -128,12 +130,62 @@ def run_stress(conn: Connection, params: dict[str, Any]) -> None:
 
 
 def run_exec(conn: Connection, params: dict[str, Any]) -> None:
-    """Run a command in a fresh directory and session, streaming its output to the parent."""
+    """Run a command in a fresh directory and session, streaming its output to the parent.
+
+    This process becomes a child subreaper, so whatever the command starts, even in a session
+    of its own, stays below it and is killed when the job ends; SIGTERM (a cancel) does the same
+    clean-up, working directory included, before the process exits.
+    """
     workdir = tempfile.mkdtemp(prefix="vesta-job-")
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+    def cancelled(_signum: int, _frame: Any) -> None:
+        _clean_up(workdir)
+        os._exit(128 + signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, cancelled)
     try:
         _exec_in(conn, params, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _clean_up(workdir)
+
+
+def _clean_up(workdir: str) -> None:
+    """Kill every process this one started, and remove the job's working directory."""
+    kill_descendants()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def kill_descendants() -> None:
+    """SIGKILL every descendant (as a subreaper, orphans are re-parented here) and reap them."""
+    me = os.getpid()
+    for _ in range(20):  # descendants may fork while we look; a few rounds catch them
+        children = _children_of(me)
+        if not children:
+            return
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _children_of(parent: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()  # the name may hold spaces and parens
+        if len(fields) > 1 and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
 
 
 def resolve_command(argv0: str, workdir: str, path: str) -> str | None:
@@ -185,9 +237,8 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
             conn.send(("done", 125, f"{argv[0]}: cannot run: {exc.strerror}", {}))
         return
     conn.send(("pgid", proc.pid))
-    signal.signal(signal.SIGTERM, lambda *_: _kill_group_and_exit(proc.pid))
     timed_out, truncated = _pump(conn, proc, params.get("timeout"), params["cap_bytes"])
-    _kill_group(proc.pid)  # leftovers in the command's session do not outlive the job
+    kill_descendants()  # leftovers of the command do not outlive the job
     detail = {"truncated": truncated} if truncated else {}
     if timed_out:
         conn.send(("done", 124, f"timed out after {params['timeout']:g} s", detail))
@@ -211,16 +262,20 @@ def _pump(
     sent = {"stdout": 0, "stderr": 0}
     timed_out = False
     exited_at: float | None = None
-    while sel.get_map():
+    while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline and not timed_out:
             timed_out = True
             _kill_group(proc.pid)
         if exited_at is None and proc.poll() is not None:
             exited_at = now
-        if exited_at is not None and now - exited_at > 1.0:
-            break  # the command exited but something it started still holds the pipes
-        wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
+        if exited_at is not None and (not sel.get_map() or now - exited_at > 1.0):
+            break  # exited, and its pipes are closed or held by something it left behind
+        wait = 0.2 if deadline is None or timed_out else max(0.0, min(0.2, deadline - now))
+        if not sel.get_map():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+            continue
         for key, _ in sel.select(wait):
             data = os.read(key.fd, 65536)
             if not data:
@@ -232,15 +287,9 @@ def _pump(
                 conn.send(("out", stream, data[:room]))
             sent[stream] += len(data)
     sel.close()
-    proc.wait()
     return timed_out, [s for s, n in sent.items() if n > cap]
 
 
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-
-
-def _kill_group_and_exit(pgid: int) -> None:
-    _kill_group(pgid)
-    os._exit(128 + signal.SIGTERM)

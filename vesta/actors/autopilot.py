@@ -358,6 +358,10 @@ class Autopilot(VestaActor):
             if len(job.results) == job.total:
                 self.finish(job)
                 return
+            if self.draining:
+                _code, error = job.failure or (1, "units are missing")
+                self.finish(job, error=f"the daemon is stopping ({error})", exit_code=1)
+                return
             if job.failure is not None:  # a part failed: what it did not finish runs again
                 job.attempts += 1
                 _code, error = job.failure

@@ -18,6 +18,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -45,11 +46,17 @@ def job_context() -> Any:
     return _context
 
 
+#: Seconds an exec worker gets to clean up after SIGTERM before it is killed.
+TERM_GRACE = 2.0
+
+
 @dataclass
 class _Worker:
     worker_id: str
+    kind: str
     process: Any
     reader: Connection
+    kill_at: float | None = None  # when a worker asked to stop gets SIGKILL
     pgid: int | None = None
     done: tuple[int, str, dict[str, Any]] | None = None
     units: dict[int, bytes] = field(default_factory=dict)
@@ -95,7 +102,7 @@ class Supervisor(threading.Thread):
                 watched: list[Any] = [self._wake_r]
                 for w in self._workers.values():
                     watched += [w.reader, w.process.sentinel]
-                for ready in wait(watched):
+                for ready in wait(watched, timeout=self._kill_overdue()):
                     self._on_ready(ready)
         finally:
             self._wake_r.close()
@@ -136,7 +143,7 @@ class Supervisor(threading.Thread):
             return
         finally:
             writer.close()
-        self._workers[worker_id] = _Worker(worker_id, process, reader)
+        self._workers[worker_id] = _Worker(worker_id, kind, process, reader)
 
     def _on_ready(self, ready: Any) -> None:
         if ready is self._wake_r:
@@ -198,10 +205,30 @@ class Supervisor(threading.Thread):
         self.report(WorkerExited(worker.worker_id, code, error, detail))
 
     def _kill(self, worker: _Worker) -> None:
+        """Stop a worker: an exec worker first gets SIGTERM to clean up after its command."""
         if worker.pgid is not None:
             _kill_group(worker.pgid)
+        if worker.kind == "exec" and worker.kill_at is None:
+            worker.kill_at = time.monotonic() + TERM_GRACE
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.kill(worker.process.pid, signal.SIGTERM)
+            return
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.process.kill()
+
+    def _kill_overdue(self) -> float | None:
+        """SIGKILL workers whose grace is over; return the seconds until the next one's is."""
+        now = time.monotonic()
+        pending = []
+        for worker in self._workers.values():
+            if worker.kill_at is None:
+                continue
+            if worker.kill_at <= now:
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    worker.process.kill()
+            else:
+                pending.append(worker.kill_at - now)
+        return min(pending) if pending else None
 
 
 def _kill_group(pgid: int) -> None:

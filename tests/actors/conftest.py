@@ -1,0 +1,195 @@
+"""Helpers for the actor tests: probe actors that record what they are told, and their wiring.
+
+A :class:`Probe` stands in for an actor a test does not exercise: it records every message it
+receives, and the test waits (with a deadline) for the message it expects. Job processes are found
+with psutil, as children of the multiprocessing fork server or by the ``VESTA_JOB_ID`` that every
+exec command carries in its environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import queue
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psutil
+import pykka
+import pytest
+
+from vesta.actors.links import Links
+from vesta.counters import Counters
+from vesta.jobs import unit_result
+
+M = TypeVar("M")
+
+#: How long a test waits for a message it expects.
+DEADLINE = 10.0
+
+
+class Probe(pykka.ThreadingActor):
+    """An actor that puts every message it receives into a thread-safe queue."""
+
+    def __init__(self, inbox: queue.Queue[Any]) -> None:
+        super().__init__()
+        self.inbox = inbox
+
+    def on_receive(self, message: Any) -> None:
+        self.inbox.put(message)
+
+
+@dataclass
+class ProbeHandle:
+    """A running :class:`Probe` and what it received, as the test thread sees it."""
+
+    ref: pykka.ActorRef[Any]
+    inbox: queue.Queue[Any]
+    received: list[Any] = field(default_factory=list)  # every message taken from the inbox
+    _unread: list[Any] = field(default_factory=list)  # taken but not yet returned by expect
+
+    @classmethod
+    def start(cls) -> ProbeHandle:
+        inbox: queue.Queue[Any] = queue.Queue()
+        return cls(Probe.start(inbox), inbox)
+
+    def _take(self, timeout: float) -> Any:
+        message = self.inbox.get(timeout=timeout)
+        self.received.append(message)
+        self._unread.append(message)
+        return message
+
+    def expect(
+        self, kind: type[M], where: Callable[[M], bool] | None = None,
+        timeout: float = DEADLINE,
+    ) -> M:
+        """The first message not returned before that is a ``kind`` and satisfies ``where``.
+
+        Messages that do not match stay for later calls; the test fails at the deadline.
+        """
+        def matches(message: Any) -> bool:
+            return isinstance(message, kind) and (where is None or where(message))
+
+        for message in self._unread:
+            if matches(message):
+                self._unread.remove(message)
+                return message
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no {kind.__name__} arrived within {timeout} s; "
+                            f"received: {self.received!r}"[:2000])
+            try:
+                message = self._take(left)
+            except queue.Empty:
+                continue
+            if matches(message):
+                self._unread.remove(message)
+                return message
+
+    def expect_none(
+        self, kind: type[Any], where: Callable[[Any], bool] | None = None, within: float = 0.3,
+    ) -> None:
+        """Fail if a matching message is waiting or arrives within ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                self._take(left)
+        unexpected = [m for m in self._unread
+                      if isinstance(m, kind) and (where is None or where(m))]
+        assert not unexpected, f"unexpected {kind.__name__}: {unexpected!r}"
+
+    def all(self, kind: type[M]) -> list[M]:
+        """Every ``kind`` received so far, in order (including those ``expect`` returned)."""
+        while True:
+            try:
+                self._take(0)
+            except queue.Empty:
+                break
+        return [m for m in self.received if isinstance(m, kind)]
+
+
+@dataclass
+class Wiring:
+    """A :class:`Links` whose every role is a probe; a test puts its real actor in one role."""
+
+    links: Links
+    counters: Counters
+    autopilot: ProbeHandle
+    executor: ProbeHandle
+    control: ProbeHandle
+
+
+@pytest.fixture
+def wiring() -> Wiring:
+    """Probes in every role (the autouse fixture of tests/conftest.py stops them afterwards)."""
+    links = Links()
+    probes = {role: ProbeHandle.start() for role in ("autopilot", "executor", "control")}
+    for role, probe in probes.items():
+        setattr(links, role, probe.ref)
+    return Wiring(links, Counters(), **probes)
+
+
+@functools.cache
+def unit(seed: int, index: int) -> bytes:
+    """``vesta.jobs.unit_result``, computed once per test session (each takes ~0.2 s)."""
+    return unit_result(seed, index)
+
+
+# -- job processes ---------------------------------------------------------------------------------
+
+
+def forkservers() -> list[psutil.Process]:
+    """The multiprocessing fork servers this test process started."""
+    found = []
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if any("forkserver" in part for part in child.cmdline()):
+                found.append(child)
+    return found
+
+
+def worker_processes() -> list[psutil.Process]:
+    """Live job processes: the children of this process's fork servers."""
+    workers = []
+    for server in forkservers():
+        with contextlib.suppress(psutil.Error):
+            workers += [p for p in server.children() if _alive(p)]
+    return workers
+
+
+def marked_processes(job_id: str) -> list[psutil.Process]:
+    """Live processes anywhere on the machine whose environment has ``VESTA_JOB_ID=job_id``.
+
+    An exec command's descendants keep that variable even when they leave its process group and
+    are re-parented away from this process tree.
+    """
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("VESTA_JOB_ID") == job_id and _alive(proc):
+                found.append(proc)
+    return found
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def job_id() -> Iterator[str]:
+    """A job id unique to this test; whatever still carries it afterwards is killed."""
+    marker = f"test-{secrets.token_hex(6)}"
+    yield marker
+    leftovers = marked_processes(marker)
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(leftovers, timeout=5)
