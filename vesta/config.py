@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import socket
@@ -83,7 +84,7 @@ class Field:
             raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
         too_low = self.low is not None and value < self.low
         too_high = self.high is not None and value > self.high
-        if too_low or too_high:
+        if too_low or too_high or (self.kind is float and not math.isfinite(value)):
             raise ConfigError(self.name, f"{value!r} is out of range: expected {self.allowed()}")
         return float(value) if self.kind is float else value
 
@@ -161,7 +162,7 @@ Config = dataclasses.make_dataclass(
 
 def sanitize_name(raw: str) -> str:
     """A node name made of letters, digits, '-', '_' and '.', at most 64 characters."""
-    return _NAME_OK.sub("-", raw).strip("-")[:64]
+    return _NAME_OK.sub("-", raw).strip("-")[:64].rstrip("-")
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -198,7 +199,7 @@ def build_config(
     }
     name = values["name"] if values["name"] is not None else socket.gethostname()
     values["name"] = sanitize_name(name)
-    if not values["name"]:
+    if not re.search(r"[A-Za-z0-9]", values["name"]):
         raise ConfigError("name", f"{name!r} has no letters or digits to make a node name of")
     values["key"] = _resolve_key(values, env)
     values["state_dir"] = str(Path(values["state_dir"]).expanduser())

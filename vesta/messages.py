@@ -81,6 +81,9 @@ class Message:
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{self.tag} is immutable")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self.tag} is immutable")
+
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.values() == other.values()  # type: ignore[attr-defined]
 
@@ -185,11 +188,26 @@ def _field_types(cls: type[Message]) -> dict[str, Any]:
     return hints
 
 
+def _plain(value: Any, where: str) -> Any:
+    """A field typed ``Any`` holds plain msgpack data: a message inside it is refused."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Nested):
+            raise DecodeError(f"{where}: a message where plain data belongs")
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return value
+
+
 def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
     """Return ``value`` (nested messages decoded) if it fits ``hint``, else raise DecodeError."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return value
+        return _plain(value, where)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(hint):
             try:

@@ -65,11 +65,12 @@ def power_state(supplies: Sequence[Supply], forced: str, battery_min_pct: float)
 def offer_workers(cores: int, cpu_offer_pct: float, reserve_pct: float, willingness: float) -> int:
     """Worker processes lent to peers: floor(cores * min(offer, 100 - reserve) / 100 * will).
 
-    At least one while willingness is above zero and there is a core at all.
+    At least one while willingness is above zero, there is a core, and the owner offers any
+    share at all: ``cpu_offer_pct`` 0 (or ``reserve_pct`` 100) means lend nothing.
     """
-    if willingness <= 0 or cores <= 0:
-        return 0
     share = min(cpu_offer_pct, 100 - reserve_pct) / 100
+    if willingness <= 0 or cores <= 0 or share <= 0:
+        return 0
     return max(1, math.floor(cores * share * willingness + 1e-9))
 
 

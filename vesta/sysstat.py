@@ -98,6 +98,8 @@ class Sysstat:
                 values = [int(v) for v in fields[:8]]
             except ValueError:
                 continue
+            if len(values) < 4:
+                continue
             idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
             total = sum(values)
             times[cpu] = (total - idle, total)
@@ -156,7 +158,7 @@ class Sysstat:
             raw = _read(base / entry / "temp")
             if _is_number(raw):
                 kind = _read(base / entry / "type") or entry
-                temps[kind if kind not in temps else f"{kind}-{entry[12:]}"] = int(raw) / 1000
+                temps[kind if kind not in temps else f"{kind}-{entry[12:]}"] = float(raw) / 1000
         return temps
 
     def has_gpu(self) -> bool:
