@@ -169,7 +169,9 @@ class Autopilot(VestaActor):
             case Drain():
                 self.draining = True
                 for job_id in list(self.queue):
-                    self.finish(self.jobs[job_id], error="the daemon is stopping", exit_code=125)
+                    job = self.jobs[job_id]
+                    unrun = 125 if isinstance(job.job, ExecJob) else 1  # SPEC: 125, not run
+                    self.finish(job, error="the daemon is stopping", exit_code=unrun)
             case CountRunning():
                 return len(self.tasks)
             case CancelAll(reason=reason):
