@@ -351,7 +351,8 @@ def test_drain_finishes_queued_jobs_and_refuses_new_ones(pilot: Pilot) -> None:
     pilot.ref.tell(Drain())
 
     stopped = pilot.done(2)
-    assert stopped.job_id == queued.job_id and not stopped.ok and stopped.exit_code == 1  # a mem job; exec would be 125
+    # a mem job that never ran failed (1); an exec job would be 125, "could not run it"
+    assert stopped.job_id == queued.job_id and not stopped.ok and stopped.exit_code == 1
     pilot.ref.tell(ClientRequest(3, SubmitRequest(ExecJob(["true"]))))
     refused = pilot.done(3)
     assert refused.job_id == "" and refused.exit_code == 125
