@@ -29,9 +29,15 @@ def restart(d: Daemon) -> Daemon:
                             stdout=d.log.open("a"), stderr=subprocess.STDOUT, env=python_env(),
                             stdin=subprocess.DEVNULL, text=True)
     again = Daemon(d.name, d.socket, d.state_dir, proc, d.log, d.args)
-    wait_for(lambda: proc.poll() is not None or (os.path.exists(d.socket) and still_serves(again)),
-             timeout=20, what="the daemon to come back")
-    assert proc.poll() is None, d.log_text()
+    try:
+        wait_for(lambda: proc.poll() is not None or (os.path.exists(d.socket)
+                                                     and still_serves(again)),
+                 timeout=20, what="the daemon to come back")
+        assert proc.poll() is None, d.log_text()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return again
 
 
