@@ -7,9 +7,9 @@ Imports only the standard library, msgpack and vesta's message types, so the CLI
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket` adds enum conversions and selectors, costly at start-up
 import glob
 import os
-import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -87,7 +87,7 @@ class Client:
 
     def __init__(self, path: str, timeout: float | None = 10.0) -> None:
         self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)

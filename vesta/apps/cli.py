@@ -38,7 +38,6 @@ exec exits with the command's own status (124 timed out, 125 could not run it,
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -132,7 +131,9 @@ class Command:
         return Client(find_socket(self.node, self.socket_path), timeout)
 
     def emit(self, doc: Any) -> None:
-        self.out.write(json.dumps(doc, indent=None if self.json else 2) + "\n")
+        import json  # only --json needs it: it costs the CLI's start-up time
+
+        self.out.write(json.dumps(doc) + "\n")
         self.out.flush()
 
     # -- queries -----------------------------------------------------------------------------------
@@ -297,6 +298,8 @@ class JobView:
         if done is None:
             raise VestaError("the daemon ended the job without a result")
         if self.as_json:
+            import json  # only --json needs it: it costs the CLI's start-up time
+
             doc = dict(done.result) if done.result else {"job_id": done.job_id}
             if isinstance(self.job, ExecJob):
                 doc["stdout"] = b"".join(self.stdout).decode("utf-8", "replace")

@@ -7,8 +7,11 @@ Imported by the CLI: standard library only.
 
 from __future__ import annotations
 
-import socket
 import struct
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from socket import socket as Socket
 
 HEADER = struct.Struct("!I")
 #: The largest frame the control socket accepts or sends.
@@ -51,7 +54,7 @@ class FrameDecoder:
         return len(self._buffer)
 
 
-def recv_frame(sock: socket.socket, max_size: int) -> bytes:
+def recv_frame(sock: Socket, max_size: int) -> bytes:
     """Read one frame from a blocking socket; raises FrameError or EOFError."""
     (size,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
     if size > max_size:
@@ -59,7 +62,7 @@ def recv_frame(sock: socket.socket, max_size: int) -> bytes:
     return _recv_exactly(sock, size)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _recv_exactly(sock: Socket, size: int) -> bytes:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
