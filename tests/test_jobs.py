@@ -53,9 +53,9 @@ def run_units(start: int, end: int, seed: int) -> dict[int, bytes]:
         if msg[0] == "done":
             assert msg == ("done", 0, "", {})
             break
-        kind, index, digest = msg
-        assert kind == "unit" and index not in units
-        units[index] = digest
+        kind, batch = msg
+        assert kind == "units" and batch and not units.keys() & batch.keys()
+        units.update(batch)
     with pytest.raises(EOFError):  # nothing after "done"
         reader.recv()
     reader.close()

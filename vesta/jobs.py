@@ -4,7 +4,8 @@ This module is preloaded into the executor's fork server, so it imports only the
 and nothing that starts threads. Each entry point runs in a fresh child and reports to its parent
 over a one-way pipe with small tuples:
 
-- ``("unit", index, digest)`` a cpu unit finished;
+- ``("units", {index: digest, ...})`` cpu units finished, sent in batches (see
+  :data:`REPORT_INTERVAL`) so that the daemon wakes seldom while a job runs on its core;
 - ``("out", stream, data)`` an exec command wrote output;
 - ``("pgid", pgid)`` the process group of an exec command, so the parent can kill it;
 - ``("done", exit_code, error, detail)`` the task ended (error "" when it ran to completion).
@@ -29,6 +30,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 UNIT_ITERATIONS = 100_000
+#: A cpu job process reports its finished units at most this often, in seconds.
+REPORT_INTERVAL = 0.25
 UNITS_PER_MILLION = 10
 PAGE = mmap.PAGESIZE
 _PR_SET_PDEATHSIG = 1
@@ -103,8 +106,16 @@ def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None
 
 def run_cpu(conn: Connection, params: dict[str, Any]) -> None:
     seed = params["seed"]
+    batch: dict[int, bytes] = {}
+    last = time.monotonic()
     for index in range(params["start"], params["end"]):
-        conn.send(("unit", index, unit_result(seed, index)))
+        batch[index] = unit_result(seed, index)
+        now = time.monotonic()
+        if now - last >= REPORT_INTERVAL:
+            conn.send(("units", batch))
+            batch, last = {}, now
+    if batch:
+        conn.send(("units", batch))
     conn.send(("done", 0, "", {}))
 
 

@@ -3,7 +3,8 @@
 A task is a slice of a job given to this node: units [start, end) of a cpu job, or the single unit
 of a mem or exec job. The executor spreads a cpu task over the worker processes the autopilot
 booked for it (the autopilot owns the slot count: one slot per core this daemon may use), passes on
-finished units in batches, relays exec output as it comes, and says when the task is done. It
+finished units as the job processes report them (in batches, at most four times a second each),
+relays exec output as it comes, and says when the task is done. It
 holds no processes itself: its :class:`Supervisor` thread does, and tells it what happened.
 """
 
@@ -44,17 +45,11 @@ from vesta.policy import split_units
 
 logger = logging.getLogger(__name__)
 
-#: Finished units are passed on at most this often per task (and always when the task ends).
-UNIT_REPORT_INTERVAL = 0.25
-
-
 @dataclass
 class _Task:
     run: RunTask
     workers: set[str]
     started: float
-    units: dict[int, bytes] = field(default_factory=dict)
-    last_report: float = 0.0
     errors: list[tuple[int, str]] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False
@@ -153,15 +148,7 @@ class Executor(VestaActor):
         task = self.tasks.get(task_id) if task_id else None
         if task is None:
             return
-        task.units.update(units)
-        if time.monotonic() - task.last_report >= UNIT_REPORT_INTERVAL:
-            self.report_units(task)
-
-    def report_units(self, task: _Task) -> None:
-        if task.units:
-            self.links.autopilot.tell(TaskUnits(task.run.task_id, task.units))
-            task.units = {}
-        task.last_report = time.monotonic()
+        self.links.autopilot.tell(TaskUnits(task.run.task_id, units))
 
     def on_exit(self, exited: WorkerExited) -> None:
         if exited.worker in self.stress_workers:
@@ -182,7 +169,6 @@ class Executor(VestaActor):
 
     def finish(self, task: _Task) -> None:
         del self.tasks[task.run.task_id]
-        self.report_units(task)
         seconds = round(time.monotonic() - task.started, 3)
         code, error = task.errors[0] if task.errors else (0, "")
         # an exec command's own status is its result: only an error text means it did not run

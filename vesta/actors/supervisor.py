@@ -168,8 +168,8 @@ class Supervisor(threading.Thread):
         except (EOFError, OSError):
             return False
         match event:
-            case ("unit", int(index), bytes(digest)):
-                worker.units[index] = digest
+            case ("units", dict(units)):
+                worker.units.update(units)
             case ("out", str(stream), bytes(data)):
                 self.report(WorkerOutput(worker.worker_id, stream, data))
             case ("pgid", int(pgid)):
