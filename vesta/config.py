@@ -48,6 +48,7 @@ class Field:
     item: type | None = None  # the type of a list's items
     optional: bool = False  # may be null
     flag: str = ""  # the command-line flag, without dashes; "" = the name with '-' for '_'
+    metavar: str = ""  # what the flag's value is called in --help; "" = from the field's name
 
     @property
     def flag_name(self) -> str:
@@ -109,43 +110,46 @@ def _num(x: float) -> str:
 
 SCHEMA: tuple[Field, ...] = (
     Field("name", str, None, "node name; letters, digits, '-', '_' and '.', at most 64 "
-          "characters (others are replaced); default: the host name", optional=True),
+          "characters (others are replaced); default: the host name", optional=True,
+          metavar="NAME"),
     Field("key", str, None, "the federation key shared by every node, at least 16 characters; "
-          "prefer key_file or VESTA_KEY, which keep it out of `ps`", optional=True),
-    Field("key_file", str, None, "a file whose first line is the federation key", optional=True),
-    Field("port", int, 7777, "TCP port of the peer protocol", low=1, high=65535),
-    Field("dport", int, 7778, "UDP port of discovery beacons", low=1, high=65535),
-    Field("bind", str, "", "listen on this address only; empty: every address"),
+          "prefer key_file or VESTA_KEY, which keep it out of `ps`", optional=True,
+          metavar="SECRET"),
+    Field("key_file", str, None, "a file whose first line is the federation key", optional=True,
+          metavar="PATH"),
+    Field("port", int, 7777, "TCP port of the peer protocol", low=1, high=65535, metavar="PORT"),
+    Field("dport", int, 7778, "UDP port of discovery beacons", low=1, high=65535, metavar="PORT"),
+    Field("bind", str, "", "listen on this address only; empty: every address", metavar="ADDR"),
     Field("advertise", str, "", "the address peers are told to connect to; empty: the address "
-          "the beacon leaves from"),
+          "the beacon leaves from", metavar="ADDR"),
     Field("seed", list, [], "peers beyond the subnet, as host:port of their discovery port",
-          item=str),
+          item=str, metavar="HOST:PORT,..."),
     Field("advertise_spare_ms", int, 1000, "how often the node announces its spare capacity, "
-          "in milliseconds", low=100, high=60000, flag="advertise-spare"),
+          "in milliseconds", low=100, high=60000, flag="advertise-spare", metavar="MS"),
     Field("power", str, "auto", "power mode: auto reads /sys/class/power_supply; grid, solar or "
           "battery force one", choices=("auto", "grid", "solar", "battery")),
     Field("cpu_offer_pct", int, 75, "share of the cores offered for lending, percent",
-          low=0, high=100),
+          low=0, high=100, metavar="PCT"),
     Field("mem_offer_mb", int, 1024, "hard cap on the memory offered for lending, MiB",
-          low=0, high=1 << 22),
+          low=0, high=1 << 22, metavar="MB"),
     Field("reserve_pct", int, 20, "share of the cores kept for local use and never lent, percent",
-          low=0, high=100),
+          low=0, high=100, metavar="PCT"),
     Field("spill_cpu_pct", int, 80, "local CPU load, percent, at which new work spills to peers",
-          low=1, high=100),
+          low=1, high=100, metavar="PCT"),
     Field("allow_exec", bool, False, "let peers run commands on this node"),
     Field("exec_allowlist", list, [], "if not empty, the only commands peers may run here; "
-          "matches the basename or the full path of the command", item=str),
+          "matches the basename or the full path of the command", item=str, metavar="CMD,..."),
     Field("exec_output_max_mb", int, 16, "most output of one exec job kept per stream, MiB; "
-          "the rest is read and dropped", low=1, high=1024),
+          "the rest is read and dropped", low=1, high=1024, metavar="MB"),
     Field("max_borrow_ratio", float, 5.0, "leeching cap: how much a peer may borrow beyond what "
-          "it contributed", low=0, high=1000),
+          "it contributed", low=0, high=1000, metavar="RATIO"),
     Field("goodwill_core_s", float, 120.0, "core-seconds of credit every new peer starts with",
-          low=0, high=1e9),
+          low=0, high=1e9, metavar="CORE_S"),
     Field("battery_min_pct", int, 15, "stop lending below this battery charge, percent",
-          low=0, high=100),
+          low=0, high=100, metavar="PCT"),
     Field("state_dir", str, "~/.local/state/vesta", "where the identity, the ledger and the boot "
-          "counter live"),
-    Field("socket", str, "", "control socket path; empty: /tmp/vestad-NAME.sock"),
+          "counter live", metavar="DIR"),
+    Field("socket", str, "", "control socket path; empty: /tmp/vestad-NAME.sock", metavar="PATH"),
     Field("log_level", str, "info", "how much the daemon logs",
           choices=("debug", "info", "warning", "error")),
 )

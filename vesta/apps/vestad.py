@@ -41,9 +41,10 @@ def _add_flag(parser: argparse.ArgumentParser, f: Field) -> None:
     if f.kind is bool:
         parser.add_argument(*names, dest=f.name, action="store_true", help=f.help)
     elif f.kind is list:
-        parser.add_argument(*names, dest=f.name, type=_comma_list, metavar="A,B,...", help=f.help)
+        parser.add_argument(*names, dest=f.name, type=_comma_list, metavar=f.metavar or "A,B,...",
+                            help=f.help)
     else:
-        metavar = "|".join(f.choices) if f.choices else f.flag_name.split("-")[0].upper()
+        metavar = "|".join(f.choices) if f.choices else f.metavar or f.name.upper()
         kind: Any = f.kind
         parser.add_argument(*names, dest=f.name, type=kind, metavar=metavar, help=f.help)
 
