@@ -222,7 +222,9 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "VESTA_JOB_ID": params["job_id"],
     }
-    program = resolve_command(argv[0], workdir, env["PATH"])
+    # the lender's PATH, then the directory of vesta's own programs (piwork lives beside vestad)
+    search = os.pathsep.join(p for p in (env["PATH"], params.get("programs", "")) if p)
+    program = resolve_command(argv[0], workdir, search)
     if program is None:
         conn.send(("done", 127, f"{argv[0]}: command not found", {}))
         return

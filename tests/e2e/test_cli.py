@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,16 @@ def test_exec_dot_slash_piwork_runs_the_installed_program(daemon: Daemon, tmp_pa
     finally:
         assert node.stop() == 0
     assert d.proc.poll() is None
+
+
+def test_exec_finds_programs_installed_beside_vestad(daemon_factory: Callable[..., Daemon]) -> None:
+    beside = Path(sys.executable).parent / "piwork"
+    if not beside.exists():
+        pytest.skip(f"piwork is not installed beside {sys.executable}")
+    node = daemon_factory(env=python_env(PATH="/usr/bin:/bin"))
+    result = node.cli("--json", "exec", "--", "./piwork", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert "100,000" in as_json(result)["stdout"]
 
 
 def test_stress_pins_cores_and_stop_stress_ends_it(daemon: Daemon) -> None:

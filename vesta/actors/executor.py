@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,6 +45,10 @@ from vesta.messages import (
 from vesta.policy import split_units
 
 logger = logging.getLogger(__name__)
+
+#: Where this installation's programs are: exec looks there after PATH, so that
+#: ``vesta exec -- ./piwork`` finds the piwork installed beside vestad.
+PROGRAMS_DIR = os.path.dirname(sys.executable)
 
 @dataclass
 class _Task:
@@ -124,7 +129,7 @@ class Executor(VestaActor):
             pieces = [{"mb": job.mb, "ms": job.ms}]
         elif isinstance(job, ExecJob):
             pieces = [{"argv": job.argv, "timeout": job.timeout, "job_id": run.job_id,
-                       "cap_bytes": self.output_cap_bytes}]
+                       "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR}]
         else:
             raise TypeError(f"no executor for {job.tag}")
         task = _Task(run, set(), time.monotonic())
