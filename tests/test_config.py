@@ -91,59 +91,63 @@ def test_float_fields_widen_whole_numbers() -> None:
 
 
 # (field, value, the repr the message must quote, "range" or "type")
-BAD: list[tuple[str, Any, str, str]] = [
-    ("port", 0, "0", "range"),
-    ("port", 65536, "65536", "range"),
-    ("port", "7777", "'7777'", "type"),
-    ("port", 7777.0, "7777.0", "type"),
-    ("port", True, "True", "type"),
-    ("port", None, "None", "type"),
-    ("dport", -1, "-1", "range"),
-    ("bind", 5, "5", "type"),
-    ("advertise", ["a"], "['a']", "type"),
-    ("seed", "a:7778", "'a:7778'", "type"),
-    ("seed", ["a:7778", 7778], "7778", "type"),
-    ("seed", [None], "None", "type"),
-    ("advertise_spare_ms", 99, "99", "range"),
-    ("advertise_spare_ms", 60001, "60001", "range"),
-    ("power", "wind", "'wind'", "type"),
-    ("power", "Grid", "'Grid'", "type"),
-    ("power", 1, "1", "type"),
-    ("cpu_offer_pct", 101, "101", "range"),
-    ("cpu_offer_pct", -1, "-1", "range"),
-    ("cpu_offer_pct", 50.5, "50.5", "type"),
-    ("mem_offer_mb", (1 << 22) + 1, str((1 << 22) + 1), "range"),
-    ("reserve_pct", 101, "101", "range"),
-    ("spill_cpu_pct", 0, "0", "range"),
-    ("allow_exec", "yes", "'yes'", "type"),
-    ("allow_exec", 1, "1", "type"),
-    ("allow_exec", None, "None", "type"),
-    ("exec_allowlist", "make", "'make'", "type"),
-    ("exec_allowlist", ["make", ["gcc"]], "['gcc']", "type"),
-    ("exec_output_max_mb", 0, "0", "range"),
-    ("exec_output_max_mb", 1025, "1025", "range"),
-    ("max_borrow_ratio", -0.5, "-0.5", "range"),
-    ("max_borrow_ratio", 1000.5, "1000.5", "range"),
-    ("max_borrow_ratio", math.inf, "inf", "range"),
-    ("max_borrow_ratio", "5", "'5'", "type"),
-    ("max_borrow_ratio", False, "False", "type"),
-    ("goodwill_core_s", 1e9 + 1, repr(1e9 + 1), "range"),
-    ("battery_min_pct", 101, "101", "range"),
-    ("battery_min_pct", -5, "-5", "range"),
-    ("state_dir", None, "None", "type"),
-    ("socket", 1, "1", "type"),
-    ("log_level", "verbose", "'verbose'", "type"),
-    ("log_level", "INFO", "'INFO'", "type"),
-    ("name", 5, "5", "type"),
-    ("key", 1234567890123456789, "1234567890123456789", "type"),
-    ("key_file", ["/etc/vesta.key"], "['/etc/vesta.key']", "type"),
+BAD: list[tuple[str, Any, str]] = [
+    ("port", 0, "range"),
+    ("port", 65536, "range"),
+    ("port", "7777", "type"),
+    ("port", 7777.0, "type"),
+    ("port", True, "type"),
+    ("port", None, "type"),
+    ("dport", -1, "range"),
+    ("bind", 5, "type"),
+    ("advertise", ["a"], "type"),
+    ("seed", "a:7778", "type"),
+    ("seed", ["a:7778", 7778], "type"),
+    ("seed", [None], "type"),
+    ("advertise_spare_ms", 99, "range"),
+    ("advertise_spare_ms", 60001, "range"),
+    ("power", "wind", "type"),
+    ("power", "Grid", "type"),
+    ("power", 1, "type"),
+    ("cpu_offer_pct", 101, "range"),
+    ("cpu_offer_pct", -1, "range"),
+    ("cpu_offer_pct", 50.5, "type"),
+    ("mem_offer_mb", (1 << 22) + 1, "range"),
+    ("reserve_pct", 101, "range"),
+    ("spill_cpu_pct", 0, "range"),
+    ("allow_exec", "yes", "type"),
+    ("allow_exec", 1, "type"),
+    ("allow_exec", None, "type"),
+    ("exec_allowlist", "make", "type"),
+    ("exec_allowlist", ["make", ["gcc"]], "type"),
+    ("exec_output_max_mb", 0, "range"),
+    ("exec_output_max_mb", 1025, "range"),
+    ("max_borrow_ratio", -0.5, "range"),
+    ("max_borrow_ratio", 1000.5, "range"),
+    ("max_borrow_ratio", math.inf, "range"),
+    ("max_borrow_ratio", "5", "type"),
+    ("max_borrow_ratio", False, "type"),
+    ("goodwill_core_s", 1e9 + 1, "range"),
+    ("battery_min_pct", 101, "range"),
+    ("battery_min_pct", -5, "range"),
+    ("state_dir", None, "type"),
+    ("socket", 1, "type"),
+    ("log_level", "verbose", "type"),
+    ("log_level", "INFO", "type"),
+    ("name", 5, "type"),
+    ("key", 1234567890123456789, "type"),
+    ("key_file", ["/etc/vesta.key"], "type"),
 ]
 
 
-@pytest.mark.parametrize(("field", "value", "shown", "problem"), BAD)
+@pytest.mark.parametrize(("field", "value", "problem"), BAD)
 def test_bad_value_names_the_field_value_and_what_is_allowed(
-    field: str, value: Any, shown: str, problem: str
+    field: str, value: Any, problem: str
 ) -> None:
+    # the value as written in the JSON file; for a list, the first item that is wrong
+    items = value if isinstance(value, list) and any(
+        not isinstance(v, str) for v in value) else [value]
+    shown = json.dumps(next((v for v in items if not isinstance(v, str)), value))
     with pytest.raises(ConfigError) as caught:
         build({field: value})
     err = caught.value
@@ -152,6 +156,30 @@ def test_bad_value_names_the_field_value_and_what_is_allowed(
     assert text.startswith(f"{field}: {shown} ")
     assert ("out of range" if problem == "range" else "is not allowed") in text
     assert text.endswith(f"expected {FIELDS[field].allowed()}")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "shown"),
+    [
+        ("seed", ["pi4.local:7778", "nohostport"], '"nohostport"'),
+        ("seed", ["pi4:99999"], '"pi4:99999"'),
+        ("seed", [":7778"], '":7778"'),
+        ("bind", "999.1.1.1", '"999.1.1.1"'),
+        ("bind", "pi4.local", '"pi4.local"'),
+        ("advertise", "not an address", '"not an address"'),
+    ],
+)
+def test_addresses_must_look_like_addresses(field: str, value: Any, shown: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build({field: value})
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: {shown} is not allowed: expected ")
+
+
+def test_good_addresses() -> None:
+    config = build({"seed": ["pi4.local:7778", "10.0.0.7:7778"], "bind": "127.0.0.1",
+                    "advertise": "desk.lan"})
+    assert config.seed == ["pi4.local:7778", "10.0.0.7:7778"]
 
 
 def test_every_field_has_a_bad_value_in_the_table() -> None:

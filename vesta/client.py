@@ -28,6 +28,7 @@ from vesta.messages import (
     decode,
     encode,
 )
+from vesta.names import sanitize_name
 from vesta.transport.framing import CONTROL_MAX_FRAME, FrameError, frame, recv_frame
 
 SOCKET_GLOB = "/tmp/vestad-*.sock"
@@ -69,7 +70,7 @@ def find_socket(
         return path or env["VESTA_SOCKET"]
     node = node or env.get("VESTA_NODE")
     if node:
-        return socket_path_for(node)
+        return socket_path_for(sanitize_name(node))
     found = sorted(glob.glob(SOCKET_GLOB))
     if len(found) == 1:
         return found[0]
@@ -79,7 +80,8 @@ def find_socket(
             "Start one with: vestad -name NAME -key-file FILE"
         )
     names = ", ".join(p[len("/tmp/vestad-"):-len(".sock")] for p in found)
-    raise UsageError(f"several daemons run here ({names}); pick one with --node NAME")
+    raise UsageError(f"several daemons run here ({names}); pick one with --node NAME or "
+                     "VESTA_NODE (or --socket PATH / VESTA_SOCKET for a daemon with -socket)")
 
 
 class Client:

@@ -10,6 +10,7 @@ and raises :class:`ConfigError` naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -20,10 +21,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from vesta.names import sanitize_name
+
 #: Keys of a config file that start with this are comments.
 COMMENT_PREFIX = "//"
 MIN_KEY_LENGTH = 16
-_NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,7 @@ class Field:
     optional: bool = False  # may be null
     flag: str = ""  # the command-line flag, without dashes; "" = the name with '-' for '_'
     metavar: str = ""  # what the flag's value is called in --help; "" = from the field's name
+    rule: Callable[[Any], str] | None = None  # a further check: "" or what is wrong
 
     @property
     def flag_name(self) -> str:
@@ -68,26 +72,62 @@ class Field:
             text = _type_word(self.kind)
         return text + (" or null" if self.optional else "")
 
+    def refuse(self, value: Any) -> ConfigError:
+        return ConfigError(self.name, f"{_show(value)} is not allowed: expected {self.allowed()}")
+
     def check(self, value: Any) -> Any:
         """Return the value if it is allowed here (ints widened to floats), else raise."""
         if value is None and self.optional:
             return None
         if not _is(value, self.kind):
-            raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
+            raise self.refuse(value)
         if self.kind is list:
             bad = [v for v in value if not _is(v, self.item or str)]
             if bad:
-                raise ConfigError(
-                    self.name, f"{bad[0]!r} is not allowed: expected {self.allowed()}"
-                )
-            return list(value)
+                raise self.refuse(bad[0])
         if self.choices and value not in self.choices:
-            raise ConfigError(self.name, f"{value!r} is not allowed: expected {self.allowed()}")
+            raise self.refuse(value)
         too_low = self.low is not None and value < self.low
         too_high = self.high is not None and value > self.high
         if too_low or too_high or (self.kind is float and not math.isfinite(value)):
-            raise ConfigError(self.name, f"{value!r} is out of range: expected {self.allowed()}")
-        return float(value) if self.kind is float else value
+            raise ConfigError(self.name, f"{_show(value)} is out of range: expected "
+                              f"{self.allowed()}")
+        for item in value if self.kind is list else [value]:
+            problem = self.rule(item) if self.rule else ""
+            if problem:
+                raise ConfigError(self.name, f"{_show(item)} is not allowed: {problem}")
+        return float(value) if self.kind is float else (list(value) if self.kind is list else value)
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it: JSON's spelling (true, null) where it has one."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _ipv4_or_empty(text: str) -> str:
+    if not text:
+        return ""
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return "expected an IPv4 address of this machine, such as 192.168.1.20, or empty"
+    return ""
+
+
+def _host_or_empty(text: str) -> str:
+    if not text or _HOST.fullmatch(text):
+        return ""
+    return "expected an IPv4 address or a host name, or empty"
+
+
+def _host_port(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not _HOST.fullmatch(host) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "expected host:port, such as pi4.local:7778 or 10.0.0.7:7778"
+    return ""
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -113,17 +153,18 @@ SCHEMA: tuple[Field, ...] = (
           "characters (others are replaced); default: the host name", optional=True,
           metavar="NAME"),
     Field("key", str, None, "the federation key shared by every node, at least 16 characters; "
-          "prefer key_file or VESTA_KEY, which keep it out of `ps`", optional=True,
+          "prefer -key-file (key_file) or VESTA_KEY, which keep it out of `ps`", optional=True,
           metavar="SECRET"),
     Field("key_file", str, None, "a file whose first line is the federation key", optional=True,
           metavar="PATH"),
     Field("port", int, 7777, "TCP port of the peer protocol", low=1, high=65535, metavar="PORT"),
     Field("dport", int, 7778, "UDP port of discovery beacons", low=1, high=65535, metavar="PORT"),
-    Field("bind", str, "", "listen on this address only; empty: every address", metavar="ADDR"),
+    Field("bind", str, "", "listen on this address only; empty: every address", metavar="ADDR",
+          rule=_ipv4_or_empty),
     Field("advertise", str, "", "the address peers are told to connect to; empty: the address "
-          "the beacon leaves from", metavar="ADDR"),
+          "the beacon leaves from", metavar="ADDR", rule=_host_or_empty),
     Field("seed", list, [], "peers beyond the subnet, as host:port of their discovery port",
-          item=str, metavar="HOST:PORT,..."),
+          item=str, metavar="HOST:PORT,...", rule=_host_port),
     Field("advertise_spare_ms", int, 1000, "how often the node announces its spare capacity, "
           "in milliseconds", low=100, high=60000, flag="advertise-spare", metavar="MS"),
     Field("power", str, "auto", "power mode: auto reads /sys/class/power_supply; grid, solar or "
@@ -164,17 +205,14 @@ Config = dataclasses.make_dataclass(
 )
 
 
-def sanitize_name(raw: str) -> str:
-    """A node name made of letters, digits, '-', '_' and '.', at most 64 characters."""
-    return _NAME_OK.sub("-", raw).strip("-")[:64].rstrip("-")
-
-
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a JSON config file; comment keys (starting with ``//``) are dropped."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -22,6 +23,7 @@ from vesta.actors.autopilot import Autopilot
 from vesta.actors.control import Control, ControlSocketError, open_control_socket
 from vesta.actors.executor import Executor
 from vesta.actors.links import Links
+from vesta.actors.supervisor import stop_job_servers
 from vesta.counters import Counters
 from vesta.identity import IdentityError, load_or_create
 from vesta.messages import CancelAll, CountRunning, Drain, Serve
@@ -34,7 +36,7 @@ logger = logging.getLogger("vesta.daemon")
 SHUTDOWN_GRACE = 10.0
 #: Seconds each actor gets to stop.
 ACTOR_STOP_TIMEOUT = 5.0
-EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def setup_logging(level: str) -> None:
@@ -48,18 +50,25 @@ def setup_logging(level: str) -> None:
 def run(config: Any) -> int:
     """Run a daemon with a validated configuration until a signal stops it."""
     setup_logging(config.log_level)
+    try:  # first: a daemon already serving this node must not see its files touched
+        listener = open_control_socket(config.socket)
+    except (ControlSocketError, OSError) as exc:
+        return _cannot_start("socket", exc)
     try:
         identity = load_or_create(config.state_dir, config.name)
-        listener = open_control_socket(config.socket)
-    except (IdentityError, StateFileError, ControlSocketError, OSError) as exc:
-        logger.error("%s", exc)
-        return EXIT_FAILED
+    except (IdentityError, StateFileError, OSError) as exc:
+        listener.close()
+        Path(config.socket).unlink(missing_ok=True)
+        return _cannot_start("state_dir", exc)
 
     stop = threading.Event()
     hurry = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        (hurry if stop.is_set() else stop).set()
+        if stop.is_set():
+            hurry.set()
+        else:
+            stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -83,15 +92,27 @@ def run(config: Any) -> int:
         links.control.tell(Serve())
         logger.info("vestad %s: node %s (%s), %d cores, fingerprint %s", __version__,
                     config.name, address, len(sysstat.cpus), identity.fingerprint)
+        logger.info("exec for peers: %s; peer discovery and the peer protocol (ports %d, %d) "
+                    "are not part of this release", _exec_policy(config), config.port,
+                    config.dport)
         code = _serve(stop, started)
         _shut_down(links, hurry)
     finally:
         for ref in reversed(started):
             _stop_actor(ref)
         pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
+        stop_job_servers()
         listener.close()
     logger.info("stopped")
     return code
+
+
+def _cannot_start(field: str, exc: BaseException) -> int:
+    """Say why the daemon cannot start, naming the setting to change; exit status 2."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    print(f"vestad: {field}: {reason}{where}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _serve(stop: threading.Event, actors: list[pykka.ActorRef[Any]]) -> int:
@@ -101,7 +122,8 @@ def _serve(stop: threading.Event, actors: list[pykka.ActorRef[Any]]) -> int:
         if dead:
             logger.error("%s stopped unexpectedly; shutting down", dead[0])
             return EXIT_FAILED
-    logger.info("stopping: no new work; running jobs get up to %g s", SHUTDOWN_GRACE)
+    logger.info("stopping: no new work; running jobs get up to %g s (signal again to stop now)",
+                SHUTDOWN_GRACE)
     return EXIT_OK
 
 
@@ -127,6 +149,12 @@ def _wait_idle(links: Links, deadline: float) -> bool:
             return False
         time.sleep(0.05)
     return False
+
+
+def _exec_policy(config: Any) -> str:
+    if not config.allow_exec:
+        return "off"
+    return "only " + ", ".join(config.exec_allowlist) if config.exec_allowlist else "allowed"
 
 
 def _stop_actor(ref: pykka.ActorRef[Any]) -> None:

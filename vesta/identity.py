@@ -63,6 +63,10 @@ def identity_path(state_dir: str | Path, name: str) -> Path:
 def load_or_create(state_dir: str | Path, name: str) -> Identity:
     """Read the node's identity, creating it on first start."""
     path = identity_path(state_dir, name)
+    if path.exists() and path.stat().st_mode & 0o077:
+        logger.warning("%s was readable by others; it holds the node's private key: "
+                       "set it back to mode 0600", path)
+        path.chmod(0o600)
     if path.exists():
         data = read_json(path)
         try:

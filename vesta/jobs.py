@@ -228,7 +228,10 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
     if program is None:
         conn.send(("done", 127, f"{argv[0]}: command not found", {}))
         return
-    if os.path.isdir(program) or not os.access(program, os.X_OK):
+    if os.path.isdir(program):
+        conn.send(("done", 126, f"{argv[0]}: is a directory", {}))
+        return
+    if not os.access(program, os.X_OK):
         conn.send(("done", 126, f"{argv[0]}: not executable", {}))
         return
     try:

@@ -252,3 +252,54 @@ def test_cli_imports_stay_light(daemon: Daemon) -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             env=python_env(), timeout=30)
     assert result.stderr.strip().splitlines()[-1] == "0 []"
+
+
+def test_a_closed_pipe_ends_quietly_and_cancels_the_job(daemon: Daemon) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vesta.apps.cli", "--socket", daemon.socket, "exec", "--",
+         "sh", "-c", "while :; do echo y; done"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=python_env())
+    assert proc.stdout is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `| head -c 10` does
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 141
+    assert b"Traceback" not in err
+    wait_for(lambda: as_json(daemon.cli("--json", "status"))["jobs"] == [],
+             what="the job to be cancelled")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["frobnicate"], "unknown command 'frobnicate'"),
+     (["exec", "ls", "-la"], "put -- before the command"),
+     (["exec", "--"], "needs a command")],
+)
+def test_usage_errors_say_what_is_wrong(args: list[str], says: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Warning" not in result.stderr and "Option(" not in result.stderr
+
+
+def test_exec_without_a_daemon_is_125(tmp_path: Path) -> None:
+    result = run_cli("--socket", str(tmp_path / "none.sock"), "exec", "--", "true")
+    assert result.returncode == 125
+    assert "Is vestad running?" in result.stderr
+
+
+def test_node_names_are_cleaned_the_same_way_on_both_sides(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    node = daemon_factory(name="my laptop", wait=True)
+    assert "is used as 'my-laptop'" in node.log_text()
+    # the daemon under test listens on its own -socket: the CLI must look for the cleaned name
+    result = run_cli("--node", "my laptop", "--json", "status")
+    assert result.returncode == 3 and "/tmp/vestad-my-laptop.sock" in result.stderr
+
+
+def test_truncated_output_is_said(daemon_factory: Callable[..., Daemon]) -> None:
+    node = daemon_factory("-exec-output-max-mb", "1")
+    result = node.cli("exec", "--", "sh", "-c", "head -c 3000000 /dev/zero")
+    assert result.returncode == 0
+    assert len(result.stdout) == 1 << 20
+    assert "stdout was cut at the node's output limit (exec_output_max_mb)" in result.stderr

@@ -147,8 +147,8 @@ def test_files_and_modes(daemon: Daemon) -> None:
 def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, tmp_path: Path) -> None:
     result = vestad("-name", "other", "-key", KEY, "-socket", daemon.socket,
                     "-state-dir", str(tmp_path / "other"))
-    assert result.returncode == 1
-    assert "already serving" in result.stderr
+    assert result.returncode == 2
+    assert "vestad: socket: another vestad is already serving" in result.stderr
     assert daemon.cli("status").returncode == 0
 
 
@@ -204,7 +204,7 @@ def test_a_job_past_the_grace_period_is_cancelled(daemon: Daemon) -> None:
     assert daemon.proc.wait(30) == 0
     assert 9 < time.monotonic() - started < 20
     _, err = proc.communicate(timeout=10)
-    assert proc.returncode == 130 and "stopping" in err
+    assert proc.returncode == 125 and "stopping" in err  # exec that could not finish
 
 
 # -- bad input on the control socket ---------------------------------------------------------------
@@ -295,3 +295,34 @@ def test_another_user_is_refused(daemon: Daemon) -> None:
 
 def test_cli_usage_error_is_2_even_without_a_daemon() -> None:
     assert run_cli("frobnicate").returncode == 2
+
+
+def test_nothing_outlives_the_daemon_even_for_a_moment(daemon: Daemon) -> None:
+    assert daemon.cli("cpu", "1").returncode == 0  # starts the fork server and its tracker
+    children = daemon.descendants()
+    assert len(children) >= 2
+    assert daemon.stop() == 0
+    alive = [p for p in children if p.is_running() and p.status() != "zombie"]
+    assert not alive, f"still running right after vestad exited: {alive}"
+
+
+def test_an_unusable_state_dir_is_a_clear_start_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = vestad("-name", "x", "-key", KEY, "-state-dir", str(blocker / "state"),
+                    "-socket", str(tmp_path / "x.sock"))
+    assert result.returncode == 2
+    assert "vestad: state_dir:" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.sock").exists()
+
+
+def test_an_identity_readable_by_others_is_closed_again(daemon: Daemon) -> None:
+    identity = daemon.state_dir / f"vestad-identity-{daemon.name}.json"
+    assert daemon.stop() == 0
+    identity.chmod(0o644)
+    again = restart(daemon)
+    try:
+        assert stat.S_IMODE(identity.stat().st_mode) == 0o600
+        assert "readable by others" in again.log_text()
+    finally:
+        assert again.stop() == 0

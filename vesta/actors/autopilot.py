@@ -101,6 +101,7 @@ class _Job:
     attempts: int = 0
     retried: int = 0
     cancelled: str = ""  # why, once it is cancelled
+    cancel_code: int = 130  # what the client exits with then
     last_progress: float = 0.0
     failure: tuple[int, str] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -170,13 +171,12 @@ class Autopilot(VestaActor):
                 self.draining = True
                 for job_id in list(self.queue):
                     job = self.jobs[job_id]
-                    unrun = 125 if isinstance(job.job, ExecJob) else 1  # SPEC: 125, not run
-                    self.finish(job, error="the daemon is stopping", exit_code=unrun)
+                    self.finish(job, error="the daemon is stopping", exit_code=_failed(job.job))
             case CountRunning():
                 return len(self.tasks)
-            case CancelAll(reason=reason):
+            case CancelAll(reason=reason):  # the daemon stops: the job failed, nobody cancelled
                 for job in list(self.jobs.values()):
-                    self.cancel(job, reason)
+                    self.cancel(job, reason, _failed(job.job))
             case _:
                 return super().handle(message)
         return None
@@ -354,7 +354,7 @@ class Autopilot(VestaActor):
     def settle(self, job: _Job, last: TaskDone) -> None:
         """All parts of a job ended: finish it, or run again what is missing."""
         if job.cancelled:
-            self.finish(job, error=job.cancelled, exit_code=130)
+            self.finish(job, error=job.cancelled, exit_code=job.cancel_code)
             return
         if isinstance(job.job, CpuJob):
             if len(job.results) == job.total:
@@ -418,16 +418,23 @@ class Autopilot(VestaActor):
         logger.info("job %s %s in %.2f s%s", job.job_id, "done" if ok else "failed",
                     result["seconds"], f": {error}" if error else "")
 
-    def cancel(self, job: _Job, reason: str = "cancelled") -> None:
+    def cancel(self, job: _Job, reason: str = "cancelled", exit_code: int = 130) -> None:
+        """Stop a job everywhere it runs; its client hears ``reason`` and ``exit_code``."""
         if job.job_id in self.queue:
-            self.finish(job, error=reason, exit_code=130)
+            self.finish(job, error=reason, exit_code=exit_code)
             return
         job.cancelled = reason
+        job.cancel_code = exit_code
         for task_id in job.parts:
             self.links.executor.tell(CancelTask(task_id))
 
     def to_client(self, client: int, msg: Message) -> None:
         self.links.control.tell(ToClient(client, msg))
+
+
+def _failed(job: AnyJob) -> int:
+    """The exit status of a job that could not run to its end: SPEC's 125 for exec, else 1."""
+    return 125 if isinstance(job, ExecJob) else 1
 
 
 def _spec(job: AnyJob) -> dict[str, Any]:

@@ -50,6 +50,24 @@ def job_context() -> Any:
 TERM_GRACE = 2.0
 
 
+def stop_job_servers() -> None:
+    """Stop the fork server and multiprocessing's resource tracker, and reap them.
+
+    Both would end by themselves once the daemon's end of their pipes closes, but only after the
+    daemon has exited, as orphans for a moment; stopping them here means no process outlives
+    vestad. ``_stop`` is what multiprocessing's own tests use; it is absent on some versions.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    for server in (forkserver._forkserver, resource_tracker._resource_tracker):
+        stop = getattr(server, "_stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except (OSError, ChildProcessError) as exc:
+                logger.debug("stopping %s: %s", type(server).__name__, exc)
+
+
 @dataclass
 class _Worker:
     worker_id: str

@@ -38,6 +38,7 @@ exec exits with the command's own status (124 timed out, 125 could not run it,
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from typing import Any, TextIO
 from docopt import DocoptExit, docopt
 
 from vesta import __version__
-from vesta.client import Client, UsageError, VestaError, find_socket
+from vesta.client import Client, DaemonUnreachable, UsageError, VestaError, find_socket
 from vesta.messages import (
     AnyJob,
     CpuJob,
@@ -62,28 +63,53 @@ from vesta.messages import (
     StressReply,
     StressRequest,
 )
+from vesta.names import sanitize_name
 
-EXIT_USAGE, EXIT_CANCELLED = 2, 130
+EXIT_USAGE, EXIT_NOT_RUN, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 125, 130, 141
 _USAGE = __doc__ or ""
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
     try:
-        args = docopt(_USAGE, argv=argv, version=f"vesta {__version__}")
-    except DocoptExit as exc:  # docopt exits 1 on a usage error; the contract says 2
-        print(str(exc) or _USAGE.split("\n\n")[1], file=sys.stderr)
+        args = docopt(_USAGE, argv=words, version=f"vesta {__version__}")
+    except DocoptExit:  # docopt exits 1 on a usage error; the contract says 2
+        print(f"vesta: {_usage_problem(words)}\n\n{_USAGE.split(chr(10) * 2)[1]}",
+              file=sys.stderr)
         return EXIT_USAGE
     debug = bool(args["--debug"])
+    command = Command(args)
     try:
-        return Command(args).run()
+        return command.run()
     except VestaError as exc:
         if debug:
             raise
         print(f"vesta: {exc}", file=sys.stderr)
+        if isinstance(exc, DaemonUnreachable) and args["exec"]:
+            return EXIT_NOT_RUN  # SPEC: exec exits 125 when vesta could not run the command
         return exc.exit_code
     except KeyboardInterrupt:
         print("vesta: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:
+        # the reader went away (`vesta ... | head`): stop quietly, as a shell tool does; the
+        # daemon sees the connection close and cancels what is still running
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _usage_problem(words: list[str]) -> str:
+    """One sentence on what is wrong with a command line docopt refused."""
+    commands = ("peers", "status", "cpu", "mem", "exec", "stress", "stop-stress", "submit")
+    given = [w for w in words if not w.startswith("-")]
+    if "exec" in words and "--" not in words:
+        return "put -- before the command: vesta exec -- CMD [ARG...]"
+    if "exec" in words and words[-1] == "--":
+        return "exec needs a command after --"
+    if given and given[0] not in commands and not any(w in given for w in commands):
+        return f"unknown command {given[0]!r}"
+    return "those arguments do not fit any command"
 
 
 def _int(text: str, what: str, low: int = 0) -> int:
@@ -113,7 +139,7 @@ class Command:
         self.args = args
         self.json = bool(args["--json"])
         self.out = out or sys.stdout
-        self.node: str | None = args["--node"]
+        self.node: str | None = sanitize_name(args["--node"]) if args["--node"] else None
         self.socket_path: str | None = args["--socket"]
 
     def run(self) -> int:
@@ -144,8 +170,8 @@ class Command:
         if self.json:
             self.emit({"peers": peers})
         elif not peers:
-            self.out.write("no peers yet. Nodes on the same subnet show up within about 5 s; if "
-                           "none do, check that they share the key and that UDP 7778 is open.\n")
+            self.out.write("no peers: this release of vestad runs one node on its own; peer "
+                           "discovery comes next.\n")
         else:
             self.out.write(format_peers(peers))
         return 0
@@ -300,7 +326,8 @@ class JobView:
         if self.as_json:
             import json  # only --json needs it: it costs the CLI's start-up time
 
-            doc = dict(done.result) if done.result else {"job_id": done.job_id}
+            doc = dict(done.result) or {"job_id": done.job_id, "kind": self.job.kind,
+                                        "seconds": 0.0, "placements": []}
             if isinstance(self.job, ExecJob):
                 doc["stdout"] = b"".join(self.stdout).decode("utf-8", "replace")
                 doc["stderr"] = b"".join(self.stderr).decode("utf-8", "replace")
@@ -324,6 +351,9 @@ class JobView:
         where = ", ".join(f"{p['node']} ({p['units']} unit{'s' * (p['units'] != 1)})"
                           for p in r.get("placements", []))
         if isinstance(self.job, ExecJob):
+            for stream in r.get("truncated", []):
+                self.err.write(f"vesta: {stream} was cut at the node's output limit "
+                               "(exec_output_max_mb); the rest was dropped\n")
             self.err.write(f"vesta: ran on {r.get('node', '?')} in {r['seconds']:.2f} s, "
                            f"exit status {done.exit_code}\n")
             return
@@ -377,8 +407,9 @@ def format_status(doc: dict[str, Any]) -> str:
                   + (f", battery {n['battery_pct']:.0f}%" if n.get("battery_pct") is not None
                      else "")],
         ["offer", f"{n['offer_workers']} worker{'s' * (n['offer_workers'] != 1)}, "
-                  f"{n['offer_mem_mb']} MiB; exec "
-                  + ("allowed" if n["allow_exec"] else "off")],
+                  f"{n['offer_mem_mb']} MiB; exec for peers "
+                  + (("only " + ", ".join(n["exec_allowlist"]) if n["exec_allowlist"]
+                      else "allowed") if n["allow_exec"] else "off")],
     ]
     if n.get("temps_c"):
         lines.append(["temp", ", ".join(f"{k} {v:.0f}°C" for k, v in n["temps_c"].items())])

@@ -46,7 +46,11 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], socket_path: str, timeout: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vesta-demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vesta-demo",
+        description="Start a real vestad, run jobs through the vesta CLI, show the results, and "
+        "stop the node cleanly, leaving nothing behind.",
+    )
     parser.add_argument("--cpu", type=int, default=4, help="size of the cpu job (default 4)")
     args = parser.parse_args(argv)
 

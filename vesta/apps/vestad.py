@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"vestad: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    asked = args.get("name", from_file.get("name"))
+    if asked and asked != config.name:
+        print(f"vestad: note: the node name {asked!r} is used as {config.name!r} (letters, digits, "
+              "'-', '_' and '.', at most 64 characters)", file=sys.stderr)
 
     from vesta.daemon import run  # the heavy imports start here
 
