@@ -6,8 +6,10 @@ No job process is started here; ``run_cpu`` is fed a plain pipe in this process.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 import stat
+import threading
 from multiprocessing import Pipe
 from pathlib import Path
 
@@ -148,3 +150,28 @@ def test_absolute_path(dirs: tuple[Path, Path, str], tmp_path: Path) -> None:
 )
 def test_exit_status(returncode: int, status: int) -> None:
     assert exit_status(returncode) == status
+
+
+def test_workers_sharing_a_counter_take_each_unit_once() -> None:
+    """Two workers pull from one counter: together they do every unit, none twice."""
+    counter = multiprocessing.get_context("forkserver").Value("q", 3)
+    pipes = [Pipe(duplex=False) for _ in range(2)]
+    workers = [
+        threading.Thread(target=run_cpu, args=(writer, {"seed": 1, "start": 3, "end": 11,
+                                                        "next": counter}))
+        for _, writer in pipes
+    ]
+    for w in workers:
+        w.start()
+    taken: list[set[int]] = []
+    for reader, writer in pipes:
+        units: set[int] = set()
+        while (msg := reader.recv())[0] != "done":
+            units |= msg[1].keys()
+        taken.append(units)
+        writer.close()
+    for w in workers:
+        w.join(30)
+    assert not taken[0] & taken[1]
+    assert taken[0] | taken[1] == set(range(3, 11))
+    assert counter.value == 11

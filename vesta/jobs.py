@@ -25,7 +25,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -105,10 +105,15 @@ def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None
 
 
 def run_cpu(conn: Connection, params: dict[str, Any]) -> None:
+    """Compute units and report them. With a shared ``next`` counter, the workers of a task take
+    units one at a time from it, so a worker on a busier core simply does fewer of them."""
     seed = params["seed"]
     batch: dict[int, bytes] = {}
     last = time.monotonic()
-    for index in range(params["start"], params["end"]):
+    counter = params.get("next")
+    indices = _take(counter, params["end"]) if counter is not None else range(
+        params["start"], params["end"])
+    for index in indices:
         batch[index] = unit_result(seed, index)
         now = time.monotonic()
         if now - last >= REPORT_INTERVAL:
@@ -117,6 +122,17 @@ def run_cpu(conn: Connection, params: dict[str, Any]) -> None:
     if batch:
         conn.send(("units", batch))
     conn.send(("done", 0, "", {}))
+
+
+def _take(counter: Any, end: int) -> Iterator[int]:
+    """Unit indices from a shared counter, until it reaches ``end``."""
+    while True:
+        with counter.get_lock():
+            index = counter.value
+            if index >= end:
+                return
+            counter.value = index + 1
+        yield index
 
 
 def run_mem(conn: Connection, params: dict[str, Any]) -> None:

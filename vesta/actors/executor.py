@@ -2,7 +2,8 @@
 
 A task is a slice of a job given to this node: units [start, end) of a cpu job, or the single unit
 of a mem or exec job. The executor spreads a cpu task over the worker processes the autopilot
-booked for it (the autopilot owns the slot count: one slot per core this daemon may use), passes on
+booked for it (the autopilot owns the slot count: one slot per core this daemon may use), which
+take its units one at a time from a shared counter, so a slower core does fewer; it passes on
 finished units as the job processes report them (in batches, at most four times a second each),
 relays exec output as it comes, and says when the task is done. It
 holds no processes itself: its :class:`Supervisor` thread does, and tells it what happened.
@@ -21,7 +22,7 @@ from typing import Any
 
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
-from vesta.actors.supervisor import Supervisor
+from vesta.actors.supervisor import Supervisor, job_context
 from vesta.counters import Counters
 from vesta.messages import (
     CancelTask,
@@ -42,7 +43,6 @@ from vesta.messages import (
     WorkerOutput,
     WorkerUnits,
 )
-from vesta.policy import split_units
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class _Task:
     errors: list[tuple[int, str]] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False
+    shared: Any = None
 
 
 class Executor(VestaActor):
@@ -121,10 +122,11 @@ class Executor(VestaActor):
             return
         job = run.job
         if isinstance(job, CpuJob):
-            pieces = [
-                {"seed": job.seed, "start": a, "end": b}
-                for a, b in split_units(run.start, run.end, max(1, run.workers))
-            ]
+            workers = max(1, min(run.workers, run.end - run.start))
+            piece = {"seed": job.seed, "start": run.start, "end": run.end}
+            if workers > 1:  # they take units one by one from a shared counter
+                piece["next"] = job_context().Value("q", run.start)
+            pieces = [piece] * workers
         elif isinstance(job, MemJob):
             pieces = [{"mb": job.mb, "ms": job.ms}]
         elif isinstance(job, ExecJob):
@@ -132,7 +134,9 @@ class Executor(VestaActor):
                        "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR}]
         else:
             raise TypeError(f"no executor for {job.tag}")
-        task = _Task(run, set(), time.monotonic())
+        # the task holds the shared counter until it ends: dropping it would unlink its lock
+        # before the job processes have opened it
+        task = _Task(run, set(), time.monotonic(), shared=pieces[0].get("next"))
         self.tasks[run.task_id] = task
         for params in pieces:
             worker = f"w{next(self._ids)}"
