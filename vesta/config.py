@@ -245,6 +245,9 @@ def build_config(
         raise ConfigError("name", f"{name!r} has no letters or digits to make a node name of")
     values["key"] = _resolve_key(values, env)
     values["state_dir"] = str(Path(values["state_dir"]).expanduser())
+    for field in ("state_dir", "socket", "key_file"):
+        if values[field] and "\0" in values[field]:
+            raise ConfigError(field, "a path cannot hold a NUL character")
     if not values["socket"]:
         values["socket"] = f"/tmp/vestad-{values['name']}.sock"
     if len(os.fsencode(values["socket"])) > 107:
@@ -268,6 +271,8 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str]) -> str:
             raise ConfigError(
                 "key_file", f"cannot read {values['key_file']}: {exc.strerror}"
             ) from None
+        except UnicodeDecodeError:
+            raise ConfigError("key_file", f"{values['key_file']} is not UTF-8 text") from None
         key = lines[0].strip() if lines else ""
     if key is None and env.get("VESTA_KEY"):
         source, key = "VESTA_KEY", env["VESTA_KEY"]

@@ -20,6 +20,7 @@ import pykka
 
 from vesta import __version__
 from vesta.actors.autopilot import Autopilot
+from vesta.actors.base import tell_quietly
 from vesta.actors.control import Control, ControlSocketError, open_control_socket
 from vesta.actors.executor import Executor
 from vesta.actors.links import Links
@@ -56,7 +57,7 @@ def run(config: Any) -> int:
         return _cannot_start("socket", exc)
     try:
         identity = load_or_create(config.state_dir, config.name)
-    except (IdentityError, StateFileError, OSError) as exc:
+    except (IdentityError, StateFileError, OSError, ValueError) as exc:
         listener.close()
         Path(config.socket).unlink(missing_ok=True)
         return _cannot_start("state_dir", exc)
@@ -75,10 +76,11 @@ def run(config: Any) -> int:
 
     counters = Counters()
     links = Links()
-    sysstat = Sysstat()
-    address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
     started: list[pykka.ActorRef[Any]] = []
+    code = EXIT_FAILED
     try:
+        sysstat = Sysstat()
+        address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
         links.executor = Executor.start(
             counters, links, sorted(sysstat.cpus), config.exec_output_max_mb << 20
         )
@@ -103,6 +105,8 @@ def run(config: Any) -> int:
         pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
         stop_job_servers()
         listener.close()
+        if links.__dict__.get("control") is None:  # Control, which removes it, never started
+            Path(config.socket).unlink(missing_ok=True)
     logger.info("stopped")
     return code
 
@@ -128,14 +132,14 @@ def _serve(stop: threading.Event, actors: list[pykka.ActorRef[Any]]) -> int:
 
 
 def _shut_down(links: Links, hurry: threading.Event) -> None:
-    for ref in (links.control, links.autopilot, links.executor):
-        ref.tell(Drain())
+    for ref in (links.autopilot, links.executor):  # new submissions are refused by the autopilot
+        tell_quietly(ref, Drain())
     deadline = time.monotonic() + SHUTDOWN_GRACE
     while time.monotonic() < deadline and not hurry.is_set():
         if _wait_idle(links, min(deadline, time.monotonic() + 0.2)):
             return
     logger.info("cancelling the jobs still running")
-    links.autopilot.tell(CancelAll("cancelled: the daemon is stopping"))
+    tell_quietly(links.autopilot, CancelAll("cancelled: the daemon is stopping"))
     _wait_idle(links, time.monotonic() + ACTOR_STOP_TIMEOUT)
 
 

@@ -32,6 +32,8 @@ from typing import Any
 UNIT_ITERATIONS = 100_000
 #: A cpu job process reports its finished units at most this often, in seconds.
 REPORT_INTERVAL = 0.25
+#: Seconds a worker waits for the shared unit counter before it gives up.
+LOCK_TIMEOUT = 5.0
 UNITS_PER_MILLION = 10
 PAGE = mmap.PAGESIZE
 _PR_SET_PDEATHSIG = 1
@@ -96,7 +98,7 @@ def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None
     except MemoryError:
         conn.send(("done", 1, f"not enough memory for this {kind} job", {}))
     except Exception as exc:  # report, never die silently: the parent sees "done"
-        conn.send(("done", 1, f"{kind} job failed: {exc}", {}))
+        conn.send(("done", 125 if kind == "exec" else 1, f"{kind} job failed: {exc}", {}))
     finally:
         conn.close()
 
@@ -126,12 +128,19 @@ def run_cpu(conn: Connection, params: dict[str, Any]) -> None:
 
 def _take(counter: Any, end: int) -> Iterator[int]:
     """Unit indices from a shared counter, until it reaches ``end``."""
+    lock = counter.get_lock()
     while True:
-        with counter.get_lock():
+        # a worker killed while holding the lock never releases it: give up rather than hang,
+        # and the units nobody finished are run again
+        if not lock.acquire(timeout=LOCK_TIMEOUT):
+            raise RuntimeError("the unit counter stayed locked; a sibling worker died holding it")
+        try:
             index = counter.value
             if index >= end:
                 return
             counter.value = index + 1
+        finally:
+            lock.release()
         yield index
 
 

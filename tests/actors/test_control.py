@@ -29,7 +29,6 @@ from vesta.messages import (
     ClientGone,
     ClientRequest,
     CpuJob,
-    Drain,
     ErrorReply,
     Message,
     Serve,
@@ -195,21 +194,6 @@ def test_closing_a_client_tells_the_autopilot(rig: Rig) -> None:
     client.close()
 
     assert rig.wiring.autopilot.expect(ClientGone) == ClientGone(conn)
-
-
-def test_submit_is_refused_while_draining(rig: Rig) -> None:
-    client = rig.connect()
-    rig.ref.tell(Drain())
-    client.sendall(frame(encode(SubmitRequest(CpuJob(1)))))
-
-    reply = read(client)
-
-    assert isinstance(reply, ErrorReply) and reply.code == "stopping"
-    assert rig.wiring.counters.get("refused_jobs") == 1
-    assert rig.request(client, StatusRequest())  # other requests still pass
-    rig.wiring.autopilot.expect_none(
-        ClientRequest, lambda m: isinstance(m.request, SubmitRequest), within=0
-    )
 
 
 # -- bad input -------------------------------------------------------------------------------------

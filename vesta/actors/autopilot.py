@@ -62,7 +62,8 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.2
 #: A failed part of a job is run again this many times before the job fails.
 MAX_ATTEMPTS = 3
-MAX_CPU_N = 100_000
+MAX_CPU_N = 10_000
+MAX_ARGV = 64 * 1024
 MAX_MS = 7 * 86400 * 1000
 MAX_TIMEOUT = 7 * 86400.0
 
@@ -223,7 +224,7 @@ class Autopilot(VestaActor):
             "job_id": job.job_id, "kind": job.job.kind, "state": "queued" if position else
             "running", "queue_position": position, "done": job.done_units, "total": job.total,
             "nodes": sorted({p.node for p in job.parts.values()}),
-            "seconds": round(now - job.accepted, 1), "spec": _spec(job.job),
+            "seconds": round(now - job.accepted, 1), "spec": _spec(job.job, abbreviate=True),
         }
 
     # -- requests ----------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ class Autopilot(VestaActor):
     def check(self, spec: AnyJob) -> int:
         """Refuse what cannot run; return the job's unit count."""
         if self.draining:
-            raise JobRefused("the daemon is stopping", 125)
+            raise JobRefused("the daemon is stopping; try again once it is back", _failed(spec))
         match spec:
             case CpuJob(n=n, seed=seed):
                 if not 1 <= n <= MAX_CPU_N:
@@ -270,7 +271,8 @@ class Autopilot(VestaActor):
             case MemJob(mb=mb, ms=ms):
                 if mb < 1 or not 0 <= ms <= MAX_MS:
                     raise JobRefused(f"mem takes MB of at least 1 and MS from 0 to {MAX_MS}")
-                available = self.node.mem_available_mb
+                promised = sum(j.job.mb for j in self.jobs.values() if isinstance(j.job, MemJob))
+                available = self.node.mem_available_mb - promised
                 if mb > available:
                     raise JobRefused(f"not enough memory: {mb} MiB asked, {available} MiB "
                                      "available on the only node", 1)
@@ -278,6 +280,8 @@ class Autopilot(VestaActor):
             case ExecJob(argv=argv, timeout=timeout, gpu=gpu):
                 if not argv or not argv[0] or any("\0" in a for a in argv):
                     raise JobRefused("exec needs a command (without NUL bytes)")
+                if sum(len(a) + 1 for a in argv) > MAX_ARGV:
+                    raise JobRefused(f"the command line is longer than {MAX_ARGV} characters")
                 if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
                     raise JobRefused(f"--timeout must be from 0 to {MAX_TIMEOUT:g} seconds")
                 if gpu and not self.node.gpu:
@@ -380,8 +384,10 @@ class Autopilot(VestaActor):
         if isinstance(job.job, ExecJob):
             if last.ok:
                 self.finish(job, exit_code=last.exit_code)
-            else:
-                self.finish(job, error=last.error, exit_code=last.exit_code or 125)
+            else:  # 124, 126, 127 and 128+N keep their meaning; anything else is "not run"
+                code = last.exit_code
+                self.finish(job, error=last.error,
+                            exit_code=code if code in (124, 126, 127) or code > 128 else 125)
             return
         if last.ok:
             self.finish(job)
@@ -437,5 +443,9 @@ def _failed(job: AnyJob) -> int:
     return 125 if isinstance(job, ExecJob) else 1
 
 
-def _spec(job: AnyJob) -> dict[str, Any]:
-    return dict(zip(job.fields, job.values(), strict=True))
+def _spec(job: AnyJob, abbreviate: bool = False) -> dict[str, Any]:
+    spec = dict(zip(job.fields, job.values(), strict=True))
+    if abbreviate and isinstance(job, ExecJob):
+        line = " ".join(job.argv)
+        spec["argv"] = line if len(line) <= 200 else line[:199] + "…"
+    return spec

@@ -26,7 +26,6 @@ from vesta.messages import (
     ClientGone,
     ClientRequest,
     DecodeError,
-    Drain,
     ErrorReply,
     Message,
     PeersRequest,
@@ -97,7 +96,6 @@ class Control(VestaActor):
         self.links = links
         self.path = path
         self.inode = os.stat(path).st_ino
-        self.draining = False
         self.loop = SocketLoop(
             listener, CONTROL_MAX_FRAME, on_open=self._on_open, on_frame=self._on_frame,
             on_bad_frame=self._on_bad_frame, on_close=self._on_close, name="vesta-control",
@@ -115,18 +113,12 @@ class Control(VestaActor):
                 self.loop.send(client, encode(msg))
             case ClientGone():
                 self.links.autopilot.tell(message)
-            case Drain():
-                self.draining = True
             case _:
                 return super().handle(message)
         return None
 
     def route(self, client: int, request: Message) -> None:
         match request:
-            case SubmitRequest() if self.draining:
-                self.counters.add("refused_jobs")
-                self.reply(client, ErrorReply("stopping", "the daemon is stopping; try again "
-                                              "once it is back"))
             case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
                 self.links.autopilot.tell(ClientRequest(client, request))
             case StressRequest(cores=cores, seconds=seconds):

@@ -114,14 +114,18 @@ class Supervisor(threading.Thread):
     def run(self) -> None:
         try:
             while True:
-                self._run_commands()
-                if self._closing and not self._workers:
-                    break
-                watched: list[Any] = [self._wake_r]
-                for w in self._workers.values():
-                    watched += [w.reader, w.process.sentinel]
-                for ready in wait(watched, timeout=self._kill_overdue()):
-                    self._on_ready(ready)
+                try:
+                    self._run_commands()
+                    if self._closing and not self._workers:
+                        break
+                    watched: list[Any] = [self._wake_r]
+                    for w in self._workers.values():
+                        watched += [w.reader, w.process.sentinel]
+                    for ready in wait(watched, timeout=self._kill_overdue()):
+                        self._on_ready(ready)
+                except Exception:  # one bad round must not stop every later job
+                    logger.exception("the job supervisor hit an error; it goes on")
+                    time.sleep(0.1)  # and does not spin if the error repeats
         finally:
             self._wake_r.close()
             self._wake_w.close()
@@ -148,7 +152,11 @@ class Supervisor(threading.Thread):
             self.report(WorkerExited(worker_id, 1, "the daemon is stopping"))
             return
         ctx = job_context()
-        reader, writer = ctx.Pipe(duplex=False)
+        try:
+            reader, writer = ctx.Pipe(duplex=False)
+        except OSError as exc:  # out of file descriptors, say
+            self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
+            return
         process = ctx.Process(
             target=jobs.run, args=(writer, kind, params, lend), name=f"vesta-{kind}", daemon=True
         )
@@ -207,7 +215,7 @@ class Supervisor(threading.Thread):
         worker.process.join(1.0)
         worker.reader.close()
         del self._workers[worker.worker_id]
-        if worker.pgid is not None:
+        if worker.pgid is not None and worker.done is None:  # it died before cleaning up
             _kill_group(worker.pgid)
         if worker.done is not None:
             code, error, detail = worker.done

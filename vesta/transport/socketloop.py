@@ -55,10 +55,12 @@ class SocketLoop(threading.Thread):
         on_bad_frame: Callable[[int, str], None],
         on_close: Callable[[int], None],
         name: str = "vesta-socketloop",
+        max_queued: int = MAX_QUEUED_BYTES,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.listener = listener
         self.max_frame = max_frame
+        self.max_queued = max_queued
         self.on_open, self.on_frame = on_open, on_frame
         self.on_bad_frame, self.on_close = on_bad_frame, on_close
         self._selector = selectors.DefaultSelector()
@@ -77,9 +79,15 @@ class SocketLoop(threading.Thread):
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing:
                 return
-            conn.out.append(memoryview(data))
-            conn.queued += len(data)
-            conn.closing = close_after
+            if conn.queued + len(data) > self.max_queued:
+                logger.warning("connection %d does not read its replies; dropping it", conn_id)
+                conn.out.clear()
+                conn.queued = 0
+                conn.closing = True
+            else:
+                conn.out.append(memoryview(data))
+                conn.queued += len(data)
+                conn.closing = close_after
         self._wake()
 
     def close(self, conn_id: int) -> None:
@@ -109,18 +117,14 @@ class SocketLoop(threading.Thread):
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while not self._stopping:
-                self._update_interest()
-                for key, events in self._selector.select():
-                    if key.data == "listen":
-                        self._accept()
-                    elif key.data == "wake":
-                        with contextlib.suppress(BlockingIOError):
-                            self._wake_r.recv(4096)
-                    else:
-                        self._serve(key.data, events)
-        except Exception:
-            logger.exception("the socket loop failed")
-            raise
+                try:
+                    self._round()
+                except Exception:  # one bad round must not leave the daemon deaf
+                    logger.exception("the socket loop hit an error; it goes on")
+                    self._wake_r.settimeout(0.1)  # and does not spin if the error repeats
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                    self._wake_r.setblocking(False)
         finally:
             self._flush_all(deadline=1.0)
             for conn_id in list(self._conns):
@@ -128,6 +132,17 @@ class SocketLoop(threading.Thread):
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
+
+    def _round(self) -> None:
+        self._update_interest()
+        for key, events in self._selector.select():
+            if key.data == "listen":
+                self._accept()
+            elif key.data == "wake":
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+            else:
+                self._serve(key.data, events)
 
     def _flush_all(self, deadline: float) -> None:
         """On stop: give every client what is queued for it, within ``deadline`` seconds each."""
@@ -206,16 +221,6 @@ class SocketLoop(threading.Thread):
 
     def _write(self, conn: _Conn) -> bool:
         """Write what the socket takes; False if the connection was dropped."""
-        with self._lock:
-            if conn.queued > MAX_QUEUED_BYTES:
-                logger.warning("connection %d does not read its replies; dropping it", conn.conn_id)
-                conn.out.clear()
-                queued_too_much = True
-            else:
-                queued_too_much = False
-        if queued_too_much:
-            self._drop(conn.conn_id)
-            return False
         while True:
             with self._lock:
                 if not conn.out:
