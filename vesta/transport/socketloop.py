@@ -90,14 +90,6 @@ class SocketLoop(threading.Thread):
                 conn.closing = close_after
         self._wake()
 
-    def close(self, conn_id: int) -> None:
-        """Close a connection once what is queued for it is written."""
-        with self._lock:
-            conn = self._conns.get(conn_id)
-            if conn is not None:
-                conn.closing = True
-        self._wake()
-
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving and close every connection."""
         self._stopping = True
