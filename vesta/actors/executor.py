@@ -3,7 +3,8 @@
 A task is a slice of a job given to this node: units [start, end) of a cpu job, or the single unit
 of a mem or exec job. The executor spreads a cpu task over the worker processes the autopilot
 booked for it (the autopilot owns the slot count: one slot per core this daemon may use), which
-take its units one at a time from a shared counter, so a slower core does fewer; it passes on
+take its units one at a time from a counter the supervisor shares among them, so a slower core
+does fewer; it passes on
 finished units as the job processes report them (in batches, at most four times a second each),
 relays exec output as it comes, and says when the task is done. It
 holds no processes itself: its :class:`Supervisor` thread does, and tells it what happened.
@@ -22,7 +23,7 @@ from typing import Any
 
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
-from vesta.actors.supervisor import Supervisor, job_context
+from vesta.actors.supervisor import Supervisor
 from vesta.counters import Counters
 from vesta.messages import (
     CancelTask,
@@ -58,7 +59,6 @@ class _Task:
     errors: list[tuple[int, str]] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False
-    shared: Any = None
 
 
 class Executor(VestaActor):
@@ -124,8 +124,8 @@ class Executor(VestaActor):
         if isinstance(job, CpuJob):
             workers = max(1, min(run.workers, run.end - run.start))
             piece = {"seed": job.seed, "start": run.start, "end": run.end}
-            if workers > 1:  # they take units one by one from a shared counter
-                piece["next"] = job_context().Value("q", run.start)
+            if workers > 1:  # they take units one by one from a counter the supervisor shares
+                piece["share"] = run.task_id
             pieces = [piece] * workers
         elif isinstance(job, MemJob):
             pieces = [{"mb": job.mb, "ms": job.ms}]
@@ -134,9 +134,7 @@ class Executor(VestaActor):
                        "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR}]
         else:
             raise TypeError(f"no executor for {job.tag}")
-        # the task holds the shared counter until it ends: dropping it would unlink its lock
-        # before the job processes have opened it
-        task = _Task(run, set(), time.monotonic(), shared=pieces[0].get("next"))
+        task = _Task(run, set(), time.monotonic())
         self.tasks[run.task_id] = task
         for params in pieces:
             worker = f"w{next(self._ids)}"

@@ -75,6 +75,7 @@ class _Worker:
     process: Any
     reader: Connection
     kill_at: float | None = None  # when a worker asked to stop gets SIGKILL
+    share: str | None = None  # the group whose unit counter it shares
     pgid: int | None = None
     done: tuple[int, str, dict[str, Any]] | None = None
     units: dict[int, bytes] = field(default_factory=dict)
@@ -89,6 +90,7 @@ class Supervisor(threading.Thread):
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._workers: dict[str, _Worker] = {}
+        self._counters: dict[str, Any] = {}  # share group -> shared unit counter
         self._closing = False
 
     # -- called from other threads -----------------------------------------------------------------
@@ -152,7 +154,15 @@ class Supervisor(threading.Thread):
             self.report(WorkerExited(worker_id, 1, "the daemon is stopping"))
             return
         ctx = job_context()
+        share = params.get("share")
         try:
+            if share is not None:
+                # one counter per group, created here rather than in an actor (the first one
+                # starts multiprocessing's resource tracker) and held until the group has ended:
+                # dropping it early would unlink its lock before the workers open it
+                if share not in self._counters:
+                    self._counters[share] = ctx.Value("q", params["start"])
+                params = {**params, "next": self._counters[share]}
             reader, writer = ctx.Pipe(duplex=False)
         except OSError as exc:  # out of file descriptors, say
             self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
@@ -169,7 +179,7 @@ class Supervisor(threading.Thread):
             return
         finally:
             writer.close()
-        self._workers[worker_id] = _Worker(worker_id, kind, process, reader)
+        self._workers[worker_id] = _Worker(worker_id, kind, process, reader, share=share)
 
     def _on_ready(self, ready: Any) -> None:
         if ready is self._wake_r:
@@ -215,6 +225,10 @@ class Supervisor(threading.Thread):
         worker.process.join(1.0)
         worker.reader.close()
         del self._workers[worker.worker_id]
+        if worker.share is not None and not any(
+            w.share == worker.share for w in self._workers.values()
+        ):
+            self._counters.pop(worker.share, None)
         if worker.pgid is not None and worker.done is None:  # it died before cleaning up
             _kill_group(worker.pgid)
         if worker.done is not None:
