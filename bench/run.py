@@ -45,7 +45,7 @@ import psutil
 
 from vesta import __version__
 from vesta.client import Client, VestaError
-from vesta.jobs import UNIT_ITERATIONS, UNITS_PER_MILLION
+from vesta.workers.jobs import UNIT_ITERATIONS, UNITS_PER_MILLION
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -344,7 +344,7 @@ class Daemons:
 
 
 def plain_units(seed: int, start: int, end: int) -> dict[int, bytes]:
-    """Units [start, end) of a cpu job, written out here rather than taken from vesta.jobs."""
+    """Units [start, end) of a cpu job, written out here rather than taken from vesta's code."""
     sha = hashlib.sha256
     results = {}
     for index in range(start, end):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,9 @@ from vesta import config
 from vesta.config import (
     FIELDS,
     MIN_KEY_LENGTH,
+    MIN_KEY_VARIETY,
     SCHEMA,
+    Config,
     ConfigError,
     build_config,
     example_document,
@@ -25,7 +28,7 @@ from vesta.config import (
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.json"
-KEY = "k" * MIN_KEY_LENGTH
+KEY = "key-0123456789ab"  # exactly MIN_KEY_LENGTH characters
 OTHER_KEY = "another-federation-key"
 REGENERATE = "regenerate it with `python -m vesta.config example > config.example.json`"
 #: Fields whose value build_config derives rather than passes through.
@@ -313,6 +316,34 @@ def test_empty_key_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="0 characters long") as caught:
         build_config({"key_file": str(empty)}, env={})
     assert caught.value.field == "key_file"
+
+
+@pytest.mark.parametrize(
+    "key", [" " * 20, "a" * 20, "\t \t " * 4, "abababababababababab", "abcdabcdabcdabcdabcd"]
+)
+def test_key_with_almost_no_variety_is_refused(key: str) -> None:
+    with pytest.raises(ConfigError, match="almost no variety") as caught:
+        build_config({"key": key}, env={})
+    assert caught.value.field == "key"
+    assert f"at least {MIN_KEY_VARIETY} different characters" in str(caught.value)
+
+
+def test_key_file_readable_by_others_is_used_with_a_warning(tmp_path: Path) -> None:
+    key_file = tmp_path / "fed.key"
+    key_file.write_text(OTHER_KEY + "\n")
+    key_file.chmod(0o644)
+    config = build_config({"key_file": str(key_file)}, env={})
+    assert config.key == OTHER_KEY
+    (note,) = config.notes
+    assert "can be read by other users (mode 0644)" in note
+    assert f"chmod 600 {key_file}" in note
+    key_file.chmod(0o600)
+    assert build_config({"key_file": str(key_file)}, env={}).notes == ()
+
+
+def test_config_attributes_are_the_schema_fields() -> None:
+    attributes = [f.name for f in dataclasses.fields(Config)]
+    assert attributes == [f.name for f in SCHEMA] + ["notes"]
 
 
 def test_key_of_exactly_the_minimum_length_is_accepted() -> None:

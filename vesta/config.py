@@ -16,6 +16,8 @@ import math
 import os
 import re
 import socket
+import stat
+import string
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +28,8 @@ from vesta.names import sanitize_name
 #: Keys of a config file that start with this are comments.
 COMMENT_PREFIX = "//"
 MIN_KEY_LENGTH = 16
+#: Different characters (whitespace aside) a key must have at least.
+MIN_KEY_VARIETY = 5
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 
 
@@ -63,7 +67,8 @@ class Field:
         if self.choices:
             text = "one of " + ", ".join(self.choices)
         elif self.kind is list:
-            text = "a list of " + {int: "whole numbers", float: "numbers"}.get(self.item, "strings")
+            words: dict[type | None, str] = {int: "whole numbers", float: "numbers"}
+            text = "a list of " + words.get(self.item, "strings")
         elif self.low is not None and self.high is not None:
             text = f"{_type_word(self.kind)} from {_num(self.low)} to {_num(self.high)}"
         elif self.low is not None:
@@ -197,12 +202,40 @@ SCHEMA: tuple[Field, ...] = (
 
 FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
 
-Config = dataclasses.make_dataclass(
-    "Config",
-    [(f.name, Any) for f in SCHEMA],
-    frozen=True,
-    namespace={"__doc__": "A validated configuration: one attribute per field of SCHEMA."},
-)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A validated configuration: one attribute per field of :data:`SCHEMA`, resolved.
+
+    ``name`` is sanitized, ``key`` resolved from -key, -key-file or VESTA_KEY, ``state_dir``
+    expanded and ``socket`` filled in. ``notes`` are warnings for the operator (a key file others
+    can read, say) that the launcher prints at start. A test checks that the attributes and
+    SCHEMA name the same fields.
+    """
+
+    name: str
+    key: str
+    key_file: str | None
+    port: int
+    dport: int
+    bind: str
+    advertise: str
+    seed: list[str]
+    advertise_spare_ms: int
+    power: str
+    cpu_offer_pct: int
+    mem_offer_mb: int
+    reserve_pct: int
+    spill_cpu_pct: int
+    allow_exec: bool
+    exec_allowlist: list[str]
+    exec_output_max_mb: int
+    max_borrow_ratio: float
+    goodwill_core_s: float
+    battery_min_pct: int
+    state_dir: str
+    socket: str
+    log_level: str
+    notes: tuple[str, ...] = ()
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -224,7 +257,7 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def build_config(
     *layers: Mapping[str, Any], env: Mapping[str, str] | None = None
-) -> Any:
+) -> Config:
     """Merge the layers (later ones win), check every value and resolve the key.
 
     Unknown fields are refused. The key comes from ``key``, then ``key_file``, then ``VESTA_KEY``.
@@ -243,7 +276,8 @@ def build_config(
     values["name"] = sanitize_name(name)
     if not re.search(r"[A-Za-z0-9]", values["name"]):
         raise ConfigError("name", f"{name!r} has no letters or digits to make a node name of")
-    values["key"] = _resolve_key(values, env)
+    notes: list[str] = []
+    values["key"] = _resolve_key(values, env, notes)
     values["state_dir"] = str(Path(values["state_dir"]).expanduser())
     for field in ("state_dir", "socket", "key_file"):
         if values[field] and "\0" in values[field]:
@@ -253,27 +287,19 @@ def build_config(
     if len(os.fsencode(values["socket"])) > 107:
         raise ConfigError("socket", f"{values['socket']!r} is longer than the 107 bytes "
                           "a Unix socket path may have")
-    return Config(**values)
+    return Config(**values, notes=tuple(notes))
 
 
 def _copy(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def _resolve_key(values: dict[str, Any], env: Mapping[str, str]) -> str:
+def _resolve_key(values: dict[str, Any], env: Mapping[str, str], notes: list[str]) -> str:
     key = values["key"]
     source = "key"
     if key is None and values["key_file"]:
         source = "key_file"
-        try:
-            lines = Path(values["key_file"]).expanduser().read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(
-                "key_file", f"cannot read {values['key_file']}: {exc.strerror}"
-            ) from None
-        except UnicodeDecodeError:
-            raise ConfigError("key_file", f"{values['key_file']} is not UTF-8 text") from None
-        key = lines[0].strip() if lines else ""
+        key = _read_key_file(values["key_file"], notes)
     if key is None and env.get("VESTA_KEY"):
         source, key = "VESTA_KEY", env["VESTA_KEY"]
     if key is None:
@@ -282,7 +308,28 @@ def _resolve_key(values: dict[str, Any], env: Mapping[str, str]) -> str:
         raise ConfigError(
             source, f"the key is {len(key)} characters long; at least {MIN_KEY_LENGTH} are needed"
         )
+    if len(set(key) - set(string.whitespace)) < MIN_KEY_VARIETY:
+        raise ConfigError(source, "the key has almost no variety (it is whitespace or repeats a "
+                          f"few characters); use at least {MIN_KEY_VARIETY} different characters, "
+                          "or a random key from `vesta keygen`")
     return key
+
+
+def _read_key_file(path: str, notes: list[str]) -> str:
+    """The first line of the key file; a note if others can read it (as ssh warns)."""
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError("key_file", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("key_file", f"{path} is not UTF-8 text") from None
+    if mode & 0o077:
+        notes.append(f"the key file {path} can be read by other users (mode "
+                     f"{stat.S_IMODE(mode):04o}); anyone who reads it can join the federation: "
+                     f"chmod 600 {path}")
+    return lines[0].strip() if lines else ""
 
 
 # -- generated documents ---------------------------------------------------------------------------

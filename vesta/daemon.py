@@ -24,12 +24,12 @@ from vesta.actors.base import tell_quietly
 from vesta.actors.control import Control, ControlSocketError, open_control_socket
 from vesta.actors.executor import Executor
 from vesta.actors.links import Links
-from vesta.actors.supervisor import stop_job_servers
 from vesta.counters import Counters
 from vesta.identity import IdentityError, load_or_create
 from vesta.messages import CancelAll, CountRunning, Drain, Serve
 from vesta.statefiles import StateFileError
 from vesta.sysstat import Sysstat, primary_ipv4
+from vesta.workers.supervisor import stop_job_servers
 
 logger = logging.getLogger("vesta.daemon")
 

@@ -85,7 +85,7 @@ class Message:
         raise AttributeError(f"{self.tag} is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.values() == other.values()  # type: ignore[attr-defined]
+        return type(other) is type(self) and self.values() == other.values()
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -512,6 +512,10 @@ class StopStress(Message):
     """Control -> Executor: end the stress; the reply goes to ``client``."""
 
     client: int
+
+
+class Ping(Message):
+    """Asked of an actor: it answers True once every message told to it before is handled."""
 
 
 class Drain(Message):

@@ -13,7 +13,7 @@ import functools
 import queue
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,7 +23,8 @@ import pytest
 
 from vesta.actors.links import Links
 from vesta.counters import Counters
-from vesta.jobs import unit_result
+from vesta.messages import Ping
+from vesta.workers.jobs import unit_result
 
 M = TypeVar("M")
 
@@ -38,8 +39,11 @@ class Probe(pykka.ThreadingActor):
         super().__init__()
         self.inbox = inbox
 
-    def on_receive(self, message: Any) -> None:
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Ping):
+            return True
         self.inbox.put(message)
+        return None
 
 
 @dataclass
@@ -92,13 +96,20 @@ class ProbeHandle:
                 return message
 
     def expect_none(
-        self, kind: type[Any], where: Callable[[Any], bool] | None = None, within: float = 0.3,
+        self, kind: type[Any], where: Callable[[Any], bool] | None = None, *,
+        after: Sequence[pykka.ActorRef[Any]],
     ) -> None:
-        """Fail if a matching message is waiting or arrives within ``within`` seconds."""
-        deadline = time.monotonic() + within
-        while (left := deadline - time.monotonic()) > 0:
-            with contextlib.suppress(queue.Empty):
-                self._take(left)
+        """Fail if a matching message was sent here by the actors ``after``.
+
+        No waiting on a clock: each actor in ``after`` is asked a :class:`Ping`, whose answer
+        proves it handled every message told to it before (and so told this probe whatever it
+        was going to); then this probe is asked one, which proves those messages are queued here.
+        """
+        for ref in (*after, self.ref):
+            assert ref.ask(Ping(), timeout=DEADLINE) is True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._take(0)
         unexpected = [m for m in self._unread
                       if isinstance(m, kind) and (where is None or where(m))]
         assert not unexpected, f"unexpected {kind.__name__}: {unexpected!r}"
@@ -136,7 +147,7 @@ def wiring() -> Wiring:
 
 @functools.cache
 def unit(seed: int, index: int) -> bytes:
-    """``vesta.jobs.unit_result``, computed once per test session (each takes ~0.2 s)."""
+    """``vesta.workers.jobs.unit_result``, computed once per test session (each takes ~0.2 s)."""
     return unit_result(seed, index)
 
 

@@ -21,7 +21,6 @@ from tests.conftest import wait_for
 from vesta import PROTOCOL_VERSION
 from vesta.actors.autopilot import MAX_ATTEMPTS, Autopilot
 from vesta.config import build_config
-from vesta.jobs import job_digest
 from vesta.messages import (
     AnyJob,
     CancelRequest,
@@ -48,6 +47,7 @@ from vesta.messages import (
     encode,
 )
 from vesta.sysstat import Sysstat
+from vesta.workers.jobs import job_digest
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -128,7 +128,8 @@ class Pilot:
 
 @pytest.fixture
 def pilot(wiring: Wiring, fake_root: Path) -> Pilot:
-    config = build_config({"key": "x" * 16, "name": "node1", "advertise_spare_ms": 100})
+    config = build_config({"key": "node1-test-key-0123", "name": "node1",
+                           "advertise_spare_ms": 100})
     sysstat = Sysstat(fake_root, cpus={0, 1})
     ref = Autopilot.start(wiring.counters, wiring.links, config, "fp-node1", sysstat, "127.0.0.1")
     wiring.links.autopilot = ref
@@ -182,13 +183,14 @@ def test_jobs_wait_for_a_free_slot_first_come_first_served(pilot: Pilot) -> None
 
     assert (first.queued, first.position) == (True, 1)
     assert (second.queued, second.position) == (True, 2)
-    pilot.wiring.executor.expect_none(RunTask, within=0.2)
+    pilot.wiring.executor.expect_none(RunTask, after=[pilot.ref])
 
     pilot.finish_task(runs[0])
     assert pilot.done(1).ok
     run = pilot.run_task(first.job_id)
     assert run.workers == 1
-    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id == second.job_id, within=0.2)
+    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id == second.job_id,
+                                       after=[pilot.ref])
 
     pilot.finish_task(runs[1])
     assert pilot.run_task(second.job_id).workers == 1
@@ -230,7 +232,7 @@ def test_a_job_fails_after_three_failed_attempts(pilot: Pilot) -> None:
     assert not done.ok and done.exit_code == 1
     assert "3 attempts" in done.error and "boom" in done.error
     assert len(pilot.wiring.executor.all(RunTask)) == 3
-    pilot.wiring.executor.expect_none(RunTask, within=0.2)
+    pilot.wiring.executor.expect_none(RunTask, after=[pilot.ref])
 
 
 # -- cancelling ------------------------------------------------------------------------------------
@@ -270,8 +272,9 @@ def test_cancelling_a_queued_job_finishes_it_at_once(pilot: Pilot) -> None:
     assert [j["job_id"] for j in pilot.status()["jobs"]] == [running.job_id]
     pilot.finish_task(run)
     assert pilot.done(1).ok
-    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id != running.job_id, within=0.2)
-    pilot.wiring.executor.expect_none(CancelTask, within=0)
+    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id != running.job_id,
+                                       after=[pilot.ref])
+    pilot.wiring.executor.expect_none(CancelTask, after=[pilot.ref])
 
 
 # -- refusing --------------------------------------------------------------------------------------
@@ -295,7 +298,7 @@ def test_invalid_jobs_are_refused(pilot: Pilot, job: AnyJob, exit_code: int) -> 
     assert done.exit_code == exit_code
     assert done.error
     assert pilot.wiring.counters.get("refused_jobs") == 1
-    pilot.wiring.executor.expect_none(RunTask, within=0.1)
+    pilot.wiring.executor.expect_none(RunTask, after=[pilot.ref])
     assert pilot.status()["jobs"] == []
 
 
@@ -360,4 +363,5 @@ def test_drain_finishes_queued_jobs_and_refuses_new_ones(pilot: Pilot) -> None:
 
     pilot.finish_task(run)  # what already runs may finish
     assert pilot.done(1).ok
-    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id != running.job_id, within=0.2)
+    pilot.wiring.executor.expect_none(RunTask, lambda m: m.job_id != running.job_id,
+                                       after=[pilot.ref])

@@ -211,7 +211,7 @@ def test_garbage_in_a_frame_is_answered_and_the_connection_stays(rig: Rig) -> No
     client.sendall(frame(encode(StressRequest(-1, 5.0))))  # decodes, but is out of range
     assert read(client).code == "bad_request"  # type: ignore[attr-defined]
     rig.wiring.autopilot.expect_none(
-        ClientRequest, lambda m: not isinstance(m.request, StatusRequest), within=0
+        ClientRequest, lambda m: not isinstance(m.request, StatusRequest), after=[rig.ref]
     )
 
 
@@ -229,9 +229,9 @@ def test_a_message_that_is_not_a_request_is_answered_with_an_error(
     assert rig.wiring.counters.get("bad_control_requests") == 1
     rig.request(client, StatusRequest())
     rig.wiring.autopilot.expect_none(
-        ClientRequest, lambda m: not isinstance(m.request, StatusRequest), within=0
+        ClientRequest, lambda m: not isinstance(m.request, StatusRequest), after=[rig.ref]
     )
-    rig.wiring.executor.expect_none(object, within=0)
+    rig.wiring.executor.expect_none(object, after=[rig.ref])
 
 
 def test_an_oversized_frame_is_answered_then_the_connection_closes(rig: Rig) -> None:
@@ -293,7 +293,8 @@ def test_a_client_of_another_user_is_refused(rig: Rig) -> None:
     reply = decode(result.stdout[HEADER.size:])
     assert isinstance(reply, ErrorReply) and reply.code == "forbidden"
     assert rig.wiring.counters.get("refused_control_clients") == 1
-    rig.wiring.autopilot.expect_none(object, within=0.1)
     own = rig.connect()  # the owner is still served
     assert rig.request(own, StatusRequest())
+    rig.wiring.autopilot.expect_none(ClientRequest, lambda m: m.request != StatusRequest(),
+                                     after=[rig.ref])
     own.close()

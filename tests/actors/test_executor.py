@@ -31,7 +31,6 @@ from tests.actors.conftest import (
 )
 from tests.conftest import wait_for
 from vesta.actors.executor import Executor
-from vesta.jobs import job_digest
 from vesta.messages import (
     CancelTask,
     CpuJob,
@@ -47,6 +46,7 @@ from vesta.messages import (
     TaskUnits,
     ToClient,
 )
+from vesta.workers.jobs import job_digest
 
 pytestmark = pytest.mark.timeout(30)
 

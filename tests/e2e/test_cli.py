@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Daemon, python_env, run_cli, wait_for
-from vesta.jobs import job_digest, unit_result
+from vesta.workers.jobs import job_digest, unit_result
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -17,11 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesta import PROTOCOL_VERSION
+from vesta import PROTOCOL_VERSION, exits
 from vesta.actors.base import VestaActor
 from vesta.actors.links import Links
 from vesta.counters import Counters
-from vesta.jobs import UNITS_PER_MILLION, job_digest
 from vesta.messages import (
     AnyJob,
     CancelAll,
@@ -55,6 +54,7 @@ from vesta.messages import (
 )
 from vesta.policy import offer_mem_mb, offer_workers, power_state
 from vesta.sysstat import Sysstat
+from vesta.workers.jobs import UNITS_PER_MILLION, job_digest
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _Job:
     attempts: int = 0
     retried: int = 0
     cancelled: str = ""  # why, once it is cancelled
-    cancel_code: int = 130  # what the client exits with then
+    cancel_code: int = exits.CANCELLED  # what the client exits with then
     last_progress: float = 0.0
     failure: tuple[int, str] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -166,18 +166,19 @@ class Autopilot(VestaActor):
             case TaskDone():
                 self.on_task_done(message)
             case ClientGone(client=client):
-                for job in [j for j in self.jobs.values() if j.client == client]:
-                    self.cancel(job)
+                for gone in [j for j in self.jobs.values() if j.client == client]:
+                    self.cancel(gone)
             case Drain():
                 self.draining = True
                 for job_id in list(self.queue):
                     job = self.jobs[job_id]
-                    self.finish(job, error="the daemon is stopping", exit_code=_failed(job.job))
+                    self.finish(job, error="the daemon is stopping",
+                                exit_code=exits.not_finished(job.job.kind))
             case CountRunning():
                 return len(self.tasks)
             case CancelAll(reason=reason):  # the daemon stops: the job failed, nobody cancelled
                 for job in list(self.jobs.values()):
-                    self.cancel(job, reason, _failed(job.job))
+                    self.cancel(job, reason, exits.not_finished(job.job.kind))
             case _:
                 return super().handle(message)
         return None
@@ -238,9 +239,9 @@ class Autopilot(VestaActor):
             case SubmitRequest(job=job):
                 self.submit(client, job)
             case CancelRequest(job_id=job_id):
-                for job in list(self.jobs.values()):
-                    if job.job_id == job_id or (not job_id and job.client == client):
-                        self.cancel(job)
+                for held in list(self.jobs.values()):
+                    if held.job_id == job_id or (not job_id and held.client == client):
+                        self.cancel(held)
 
     def submit(self, client: int, spec: AnyJob) -> None:
         try:
@@ -260,7 +261,8 @@ class Autopilot(VestaActor):
     def check(self, spec: AnyJob) -> int:
         """Refuse what cannot run; return the job's unit count."""
         if self.draining:
-            raise JobRefused("the daemon is stopping; try again once it is back", _failed(spec))
+            raise JobRefused("the daemon is stopping; try again once it is back",
+                             exits.not_finished(spec.kind))
         match spec:
             case CpuJob(n=n, seed=seed):
                 if not 1 <= n <= MAX_CPU_N:
@@ -286,7 +288,7 @@ class Autopilot(VestaActor):
                     raise JobRefused(f"--timeout must be from 0 to {MAX_TIMEOUT:g} seconds")
                 if gpu and not self.node.gpu:
                     raise JobRefused(f"no node can take {argv[0]!r}: it asks for a GPU and no "
-                                     "node has one", 125)
+                                     "node has one", exits.NOT_RUN)
                 return 1
         raise JobRefused(f"unknown job kind {spec.tag}")
 
@@ -384,10 +386,8 @@ class Autopilot(VestaActor):
         if isinstance(job.job, ExecJob):
             if last.ok:
                 self.finish(job, exit_code=last.exit_code)
-            else:  # 124, 126, 127 and 128+N keep their meaning; anything else is "not run"
-                code = last.exit_code
-                self.finish(job, error=last.error,
-                            exit_code=code if code in (124, 126, 127) or code > 128 else 125)
+            else:
+                self.finish(job, error=last.error, exit_code=exits.exec_failure(last.exit_code))
             return
         if last.ok:
             self.finish(job)
@@ -424,7 +424,9 @@ class Autopilot(VestaActor):
         logger.info("job %s %s in %.2f s%s", job.job_id, "done" if ok else "failed",
                     result["seconds"], f": {error}" if error else "")
 
-    def cancel(self, job: _Job, reason: str = "cancelled", exit_code: int = 130) -> None:
+    def cancel(
+        self, job: _Job, reason: str = "cancelled", exit_code: int = exits.CANCELLED
+    ) -> None:
         """Stop a job everywhere it runs; its client hears ``reason`` and ``exit_code``."""
         if job.job_id in self.queue:
             self.finish(job, error=reason, exit_code=exit_code)
@@ -436,11 +438,6 @@ class Autopilot(VestaActor):
 
     def to_client(self, client: int, msg: Message) -> None:
         self.links.control.tell(ToClient(client, msg))
-
-
-def _failed(job: AnyJob) -> int:
-    """The exit status of a job that could not run to its end: SPEC's 125 for exec, else 1."""
-    return 125 if isinstance(job, ExecJob) else 1
 
 
 def _spec(job: AnyJob, abbreviate: bool = False) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import pykka
 
 from vesta.counters import Counters
-from vesta.messages import Message, Tick
+from vesta.messages import Message, Ping, Tick
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class VestaActor(pykka.ThreadingActor):
             return None
 
     def handle(self, message: Message) -> Any:
-        """Handle one message; subclasses dispatch with ``match``."""
+        """Handle one message; subclasses dispatch with ``match`` and end with this one."""
+        if isinstance(message, Ping):
+            return True
         logger.warning("%s: no handler for %s", self.name, message.tag)
         return None
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
-from vesta.actors.supervisor import Supervisor
 from vesta.counters import Counters
 from vesta.messages import (
     CancelTask,
@@ -44,6 +43,7 @@ from vesta.messages import (
     WorkerOutput,
     WorkerUnits,
 )
+from vesta.workers.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class Executor(VestaActor):
             case WorkerUnits(worker=worker, units=units):
                 self.on_units(worker, units)
             case WorkerOutput(worker=worker, stream=stream, data=data):
-                task_id = self.owner.get(worker)
-                if task_id is not None:
-                    self.links.autopilot.tell(TaskOutput(task_id, stream, data))
+                owner = self.owner.get(worker)
+                if owner is not None:
+                    self.links.autopilot.tell(TaskOutput(owner, stream, data))
             case WorkerExited():
                 self.on_exit(message)
             case StartStress(client=client, cores=cores, seconds=seconds):
@@ -121,9 +121,10 @@ class Executor(VestaActor):
             self.links.autopilot.tell(stopping)
             return
         job = run.job
+        pieces: list[dict[str, Any]]
         if isinstance(job, CpuJob):
             workers = max(1, min(run.workers, run.end - run.start))
-            piece = {"seed": job.seed, "start": run.start, "end": run.end}
+            piece: dict[str, Any] = {"seed": job.seed, "start": run.start, "end": run.end}
             if workers > 1:  # they take units one by one from a counter the supervisor shares
                 piece["share"] = run.task_id
             pieces = [piece] * workers

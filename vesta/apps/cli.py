@@ -46,7 +46,7 @@ from typing import Any, TextIO
 
 from docopt import DocoptExit, docopt
 
-from vesta import __version__
+from vesta import __version__, exits
 from vesta.client import Client, DaemonUnreachable, UsageError, VestaError, find_socket
 from vesta.messages import (
     AnyJob,
@@ -65,7 +65,6 @@ from vesta.messages import (
 )
 from vesta.names import sanitize_name
 
-EXIT_USAGE, EXIT_NOT_RUN, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 125, 130, 141
 _USAGE = __doc__ or ""
 
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except DocoptExit:  # docopt exits 1 on a usage error; the contract says 2
         print(f"vesta: {_usage_problem(words)}\n\n{_USAGE.split(chr(10) * 2)[1]}",
               file=sys.stderr)
-        return EXIT_USAGE
+        return exits.USAGE
     debug = bool(args["--debug"])
     command = Command(args)
     try:
@@ -86,17 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"vesta: {exc}", file=sys.stderr)
         if isinstance(exc, DaemonUnreachable) and args["exec"]:
-            return EXIT_NOT_RUN  # SPEC: exec exits 125 when vesta could not run the command
+            return exits.NOT_RUN  # SPEC: exec exits 125 when vesta could not run the command
         return exc.exit_code
     except KeyboardInterrupt:
         print("vesta: interrupted", file=sys.stderr)
-        return EXIT_CANCELLED
+        return exits.CANCELLED
     except BrokenPipeError:
         # the reader went away (`vesta ... | head`): stop quietly, as a shell tool does; the
         # daemon sees the connection close and cancels what is still running
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return exits.BROKEN_PIPE
 
 
 def _usage_problem(words: list[str]) -> str:
@@ -224,7 +223,7 @@ class Command:
         except (VestaError, KeyboardInterrupt):
             pass
         print(f"vesta: cancelled job {view.job_id or '(not started)'}", file=sys.stderr)
-        return EXIT_CANCELLED
+        return exits.CANCELLED
 
     # -- stress ------------------------------------------------------------------------------------
 

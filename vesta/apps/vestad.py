@@ -38,15 +38,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _add_flag(parser: argparse.ArgumentParser, f: Field) -> None:
     names = [f"-{f.flag_name}", f"--{f.flag_name}"]
+    text = f.help + _default_note(f)
     if f.kind is bool:
-        parser.add_argument(*names, dest=f.name, action="store_true", help=f.help)
+        parser.add_argument(*names, dest=f.name, action="store_true", help=text)
     elif f.kind is list:
         parser.add_argument(*names, dest=f.name, type=_comma_list, metavar=f.metavar or "A,B,...",
-                            help=f.help)
+                            help=text)
     else:
         metavar = "|".join(f.choices) if f.choices else f.metavar or f.name.upper()
         kind: Any = f.kind
-        parser.add_argument(*names, dest=f.name, type=kind, metavar=metavar, help=f.help)
+        parser.add_argument(*names, dest=f.name, type=kind, metavar=metavar, help=text)
+
+
+def _default_note(f: Field) -> str:
+    """`` (default: X)`` for a field whose default is a value worth showing."""
+    if f.default in (None, "", []) or f.kind is bool or "default" in f.help:
+        return ""
+    shown = f.default if f.kind is not float else f"{f.default:g}"
+    return f" (default: {shown})"
 
 
 def _comma_list(text: str) -> list[str]:
@@ -66,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if asked and asked != config.name:
         print(f"vestad: note: the node name {asked!r} is used as {config.name!r} (letters, digits, "
               "'-', '_' and '.', at most 64 characters)", file=sys.stderr)
+    for note in config.notes:
+        print(f"vestad: warning: {note}", file=sys.stderr)
 
     from vesta.daemon import run  # the heavy imports start here
 

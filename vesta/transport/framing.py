@@ -8,10 +8,13 @@ Imported by the CLI: standard library only.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from socket import socket as Socket
+
+class Socket(Protocol):
+    """What :func:`recv_frame` needs of a socket (``socket.socket`` and ``_socket.socket``)."""
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0, /) -> int: ...
 
 HEADER = struct.Struct("!I")
 #: The largest frame the control socket accepts or sends.

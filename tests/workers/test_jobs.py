@@ -1,4 +1,4 @@
-"""Tests for the pure parts of vesta.jobs: the cpu job's arithmetic, command lookup, exit status.
+"""Tests for the pure parts of vesta.workers.jobs: the cpu job's arithmetic and command lookup.
 
 No job process is started here; ``run_cpu`` is fed a plain pipe in this process.
 """
@@ -15,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from vesta.jobs import (
+from vesta.policy import split_units
+from vesta.workers.jobs import (
     UNIT_ITERATIONS,
-    exit_status,
     job_digest,
     resolve_command,
     run_cpu,
     unit_result,
 )
-from vesta.policy import split_units
 
 SEED = 7
 UNITS = 3
@@ -142,14 +141,6 @@ def test_absolute_path(dirs: tuple[Path, Path, str], tmp_path: Path) -> None:
     assert resolve_command(str(bindir / "tool"), str(workdir), path) == str(bindir / "tool")
     assert resolve_command(str(tmp_path / "missing" / "tool"), str(workdir), path) is None
     assert resolve_command("/no/such/tool", str(workdir), path) is None
-
-
-@pytest.mark.parametrize(
-    ("returncode", "status"),
-    [(0, 0), (1, 1), (3, 3), (127, 127), (-9, 137), (-15, 143), (-2, 130)],
-)
-def test_exit_status(returncode: int, status: int) -> None:
-    assert exit_status(returncode) == status
 
 
 def test_workers_sharing_a_counter_take_each_unit_once() -> None:

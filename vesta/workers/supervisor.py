@@ -1,11 +1,12 @@
 """The process supervisor: one long-lived thread that starts, watches and kills job processes.
 
-Job processes come from a ``forkserver`` preloaded with :mod:`vesta.jobs`: the daemon has threads,
-and forking it could hand a child a lock some thread held. The fork server is a fresh interpreter
-with one thread, started on the first job (an idle daemon pays nothing for it), and every job
-process is forked from it. Each worker is one ``Process`` with a one-way ``Pipe``, watched through
-its pipe and its ``sentinel`` with ``multiprocessing.connection.wait``, so any single worker can be
-killed without disturbing the others. The thread reports what happens as messages to its actor.
+Job processes come from a ``forkserver`` preloaded with :mod:`vesta.workers.jobs`: the daemon has
+threads, and forking it could hand a child a lock some thread held. The fork server is a fresh
+interpreter with one thread, started on the first job (an idle daemon pays nothing for it), and
+every job process is forked from it. Each worker is one ``Process`` with a one-way ``Pipe``,
+watched through its pipe and its ``sentinel`` with ``multiprocessing.connection.wait``, so any
+single worker can be killed without disturbing the others. The thread reports what happens as
+messages to its actor.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from vesta import jobs
+from vesta import exits
 from vesta.messages import Message, WorkerExited, WorkerOutput, WorkerUnits
+from vesta.workers import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def job_context() -> Any:
     global _context
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["__main__", "vesta.jobs"])
+        _context.set_forkserver_preload(["__main__", "vesta.workers.jobs"])
     return _context
 
 
@@ -84,7 +86,7 @@ class _Worker:
 class Supervisor(threading.Thread):
     """Owns every job process. Its methods may be called from any thread; they never block."""
 
-    def __init__(self, report: Callable[[Message], None]) -> None:
+    def __init__(self, report: Callable[[Message], object]) -> None:
         super().__init__(name="vesta-supervisor", daemon=True)
         self.report = report
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -230,12 +232,12 @@ class Supervisor(threading.Thread):
         ):
             self._counters.pop(worker.share, None)
         if worker.pgid is not None and worker.done is None:  # it died before cleaning up
-            _kill_group(worker.pgid)
+            exits.kill_group(worker.pgid)
         if worker.done is not None:
             code, error, detail = worker.done
         else:
             status = worker.process.exitcode
-            code = 128 - status if status is not None and status < 0 else 1
+            code = exits.from_returncode(status) if status is not None and status < 0 else 1
             killed = status is not None and status < 0
             how = f"was killed by signal {-status}" if killed else f"exited with status {status}"
             error = f"the job process {how} before it finished"
@@ -247,7 +249,7 @@ class Supervisor(threading.Thread):
     def _kill(self, worker: _Worker) -> None:
         """Stop a worker: an exec worker first gets SIGTERM to clean up after its command."""
         if worker.pgid is not None:
-            _kill_group(worker.pgid)
+            exits.kill_group(worker.pgid)
         if worker.kind == "exec" and worker.kill_at is None:
             worker.kill_at = time.monotonic() + TERM_GRACE
             with contextlib.suppress(OSError, ValueError, AttributeError):
@@ -270,7 +272,3 @@ class Supervisor(threading.Thread):
                 pending.append(worker.kill_at - now)
         return min(pending) if pending else None
 
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)

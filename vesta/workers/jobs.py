@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from vesta import exits
+
 UNIT_ITERATIONS = 100_000
 #: A cpu job process reports its finished units at most this often, in seconds.
 REPORT_INTERVAL = 0.25
@@ -98,7 +100,7 @@ def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None
     except MemoryError:
         conn.send(("done", 1, f"not enough memory for this {kind} job", {}))
     except Exception as exc:  # report, never die silently: the parent sees "done"
-        conn.send(("done", 125 if kind == "exec" else 1, f"{kind} job failed: {exc}", {}))
+        conn.send(("done", exits.not_finished(kind), f"{kind} job failed: {exc}", {}))
     finally:
         conn.close()
 
@@ -177,7 +179,7 @@ def run_exec(conn: Connection, params: dict[str, Any]) -> None:
 
     def cancelled(_signum: int, _frame: Any) -> None:
         _clean_up(workdir)
-        os._exit(128 + signal.SIGTERM)
+        os._exit(exits.killed_by(signal.SIGTERM))
 
     signal.signal(signal.SIGTERM, cancelled)
     try:
@@ -234,11 +236,6 @@ def resolve_command(argv0: str, workdir: str, path: str) -> str | None:
     return argv0 if os.path.exists(argv0) else None
 
 
-def exit_status(returncode: int) -> int:
-    """A shell-style status: the code itself, or 128+N for a process killed by signal N."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
 def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
     argv: list[str] = params["argv"]
     env = {
@@ -251,13 +248,13 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
     search = os.pathsep.join(p for p in (env["PATH"], params.get("programs", "")) if p)
     program = resolve_command(argv[0], workdir, search)
     if program is None:
-        conn.send(("done", 127, f"{argv[0]}: command not found", {}))
+        conn.send(("done", exits.NOT_FOUND, f"{argv[0]}: command not found", {}))
         return
     if os.path.isdir(program):
-        conn.send(("done", 126, f"{argv[0]}: is a directory", {}))
+        conn.send(("done", exits.NOT_EXECUTABLE, f"{argv[0]}: is a directory", {}))
         return
     if not os.access(program, os.X_OK):
-        conn.send(("done", 126, f"{argv[0]}: not executable", {}))
+        conn.send(("done", exits.NOT_EXECUTABLE, f"{argv[0]}: not executable", {}))
         return
     try:
         proc = subprocess.Popen(
@@ -266,25 +263,27 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
             preexec_fn=die_with_parent,  # safe: this process has a single thread
         )
     except PermissionError:
-        conn.send(("done", 126, f"{argv[0]}: not executable (permission denied)", {}))
+        conn.send(("done", exits.NOT_EXECUTABLE,
+                   f"{argv[0]}: not executable (permission denied)", {}))
         return
     except FileNotFoundError:
-        conn.send(("done", 127, f"{argv[0]}: command not found", {}))
+        conn.send(("done", exits.NOT_FOUND, f"{argv[0]}: command not found", {}))
         return
     except OSError as exc:
         if exc.errno in (errno.ENOEXEC, errno.EACCES, errno.EISDIR):
-            conn.send(("done", 126, f"{argv[0]}: not executable ({exc.strerror})", {}))
+            conn.send(("done", exits.NOT_EXECUTABLE,
+                       f"{argv[0]}: not executable ({exc.strerror})", {}))
         else:
-            conn.send(("done", 125, f"{argv[0]}: cannot run: {exc.strerror}", {}))
+            conn.send(("done", exits.NOT_RUN, f"{argv[0]}: cannot run: {exc.strerror}", {}))
         return
     conn.send(("pgid", proc.pid))
     timed_out, truncated = _pump(conn, proc, params.get("timeout"), params["cap_bytes"])
     kill_descendants()  # leftovers of the command do not outlive the job
     detail = {"truncated": truncated} if truncated else {}
     if timed_out:
-        conn.send(("done", 124, f"timed out after {params['timeout']:g} s", detail))
+        conn.send(("done", exits.TIMED_OUT, f"timed out after {params['timeout']:g} s", detail))
     else:
-        conn.send(("done", exit_status(proc.returncode), "", detail))
+        conn.send(("done", exits.from_returncode(proc.returncode), "", detail))
 
 
 def _pump(
@@ -307,7 +306,7 @@ def _pump(
         now = time.monotonic()
         if deadline is not None and now >= deadline and not timed_out:
             timed_out = True
-            _kill_group(proc.pid)
+            exits.kill_group(proc.pid)
         if exited_at is None and proc.poll() is not None:
             exited_at = now
         if exited_at is not None and (not sel.get_map() or now - exited_at > 1.0):
@@ -330,7 +329,3 @@ def _pump(
     sel.close()
     return timed_out, [s for s, n in sent.items() if n > cap]
 
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
