@@ -28,6 +28,7 @@ from vesta.messages import (
     ExecJob,
     JobDone,
     Message,
+    Scope,
     StatusReply,
     StressRequest,
     SubmitRequest,
@@ -39,6 +40,9 @@ from vesta.messages import (
     decode,
     encode,
 )
+
+#: Every scope at once: for tests that show a type, internal ones included, survives the codec.
+ANYWHERE = Scope.INTERNAL | Scope.CONTROL | Scope.CLIENT | Scope.PEER
 
 TAGS = sorted(Message.registry)
 #: Below this nesting depth a field typed ``Message`` may hold a message that nests further.
@@ -131,7 +135,7 @@ def test_registry_holds_the_concrete_types_only() -> None:
 def test_every_type_round_trips(tag: str, data: st.DataObject) -> None:
     msg = data.draw(message_of(Message.registry[tag]), label=tag)
     wire = encode(msg)
-    back = decode(wire)
+    back = decode(wire, ANYWHERE)
     assert type(back) is type(msg)
     assert back == msg
     assert encode(back) == wire
@@ -140,14 +144,14 @@ def test_every_type_round_trips(tag: str, data: st.DataObject) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ANY_MESSAGE)
 def test_any_message_round_trips(msg: Message) -> None:
-    assert decode(encode(msg)) == msg
+    assert decode(encode(msg), ANYWHERE) == msg
 
 
 def test_nested_messages_decode_to_their_types() -> None:
     job = ExecJob(["make", "-j4"], timeout=2.5, gpu=True)
     inner = SubmitRequest(job)
     msg = ClientRequest(7, inner)
-    back = decode(encode(msg))
+    back = decode(encode(msg), ANYWHERE)
     assert isinstance(back, ClientRequest)
     assert isinstance(back.request, SubmitRequest)
     assert isinstance(back.request.job, ExecJob)
@@ -155,14 +159,14 @@ def test_nested_messages_decode_to_their_types() -> None:
 
 
 def test_float_fields_accept_whole_numbers_on_the_wire() -> None:
-    back = decode(msgpack.packb(["StressRequest", 2, 3]))
+    back = decode(msgpack.packb(["StressRequest", 2, 3]), ANYWHERE)
     assert back == StressRequest(2, 3.0)
     assert isinstance(back, StressRequest) and type(back.seconds) is float
 
 
 def test_int_keys_survive() -> None:
     msg = TaskUnits("t1", {0: b"\x00" * 32, 41: b"\xff" * 32})
-    back = decode(encode(msg))
+    back = decode(encode(msg), ANYWHERE)
     assert isinstance(back, TaskUnits)
     assert back.units == {0: b"\x00" * 32, 41: b"\xff" * 32}
 
@@ -219,14 +223,14 @@ def _wire(*items: Any) -> bytes:
 )
 def test_decode_refuses(data: bytes, says: str) -> None:
     with pytest.raises(DecodeError, match=says):
-        decode(data)
+        decode(data, ANYWHERE)
 
 
 def test_wrong_message_built_locally_is_refused_on_decode() -> None:
     """The constructor does not type-check, so the decoder is what keeps a bad field out."""
     bad = SubmitRequest(job=Tick("not a job"))
     with pytest.raises(DecodeError, match=r"SubmitRequest\.job"):
-        decode(encode(bad))
+        decode(encode(bad), ANYWHERE)
 
 
 def _chain(levels: int) -> Message:
@@ -238,20 +242,20 @@ def _chain(levels: int) -> Message:
 
 def test_nesting_up_to_the_limit_decodes() -> None:
     msg = _chain(messages._MAX_DEPTH)
-    assert decode(encode(msg)) == msg
+    assert decode(encode(msg), ANYWHERE) == msg
 
 
 @pytest.mark.parametrize("levels", [messages._MAX_DEPTH + 1, 40])
 def test_nesting_beyond_the_limit_is_refused(levels: int) -> None:
     with pytest.raises(DecodeError, match="nested too deeply"):
-        decode(encode(_chain(levels)))
+        decode(encode(_chain(levels)), ANYWHERE)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_only_decode_error(data: bytes) -> None:
     try:
-        msg = decode(data)
+        msg = decode(data, ANYWHERE)
     except DecodeError as exc:
         assert str(exc)
     else:
@@ -290,7 +294,7 @@ def test_well_formed_msgpack_with_a_wrong_value_raises_only_decode_error(
     else:
         fields.append(data.draw(_WIRE, label="value"))
     try:
-        back = decode(msgpack.packb(fields, use_bin_type=True))
+        back = decode(msgpack.packb(fields, use_bin_type=True), ANYWHERE)
     except DecodeError as exc:
         assert str(exc)
     else:
@@ -305,7 +309,7 @@ def test_damaged_encodings_raise_only_decode_error(msg: Message, data: st.DataOb
     wire[at] = data.draw(st.integers(min_value=0, max_value=255), label="byte")
     cut = data.draw(st.integers(min_value=0, max_value=len(wire)), label="cut")
     try:
-        back = decode(bytes(wire[:cut]))
+        back = decode(bytes(wire[:cut]), ANYWHERE)
     except DecodeError as exc:
         assert str(exc)
     else:
@@ -324,12 +328,72 @@ def _plain(value: Any) -> bool:
 def test_any_field_cannot_smuggle_codec_internals() -> None:
     data = _wire("StatusReply", {"job": msgpack.ExtType(1, encode(CpuJob(n=1)))})
     try:
-        msg = decode(data)
+        msg = decode(data, ANYWHERE)
     except DecodeError:
         return  # refusing it is a fix as good as decoding the message
     assert isinstance(msg, StatusReply)
     assert _plain(msg.doc), f"decoded {msg!r}"
-    assert decode(encode(msg)) == msg
+    assert decode(encode(msg), ANYWHERE) == msg
+
+
+# -- scopes ---------------------------------------------------------------------------------------
+
+#: The types every internal actor message, every control request and every reply belong to.
+INTERNAL_TYPES = sorted(t for t, c in Message.registry.items() if c.scope == Scope.INTERNAL)
+NOT_FROM_PEERS = sorted(t for t, c in Message.registry.items() if not c.scope & Scope.PEER)
+
+
+def test_every_type_has_a_scope_and_internal_ones_include_the_daemons_own() -> None:
+    for name in ("CancelAll", "Drain", "Serve", "CountRunning", "ClientRequest", "ToClient",
+                 "Tick", "Ping", "StartStress", "StopStress", "WorkerExited"):
+        assert name in INTERNAL_TYPES
+    for name in ("StatusRequest", "SubmitRequest", "StressRequest"):
+        assert Message.registry[name].scope == Scope.CONTROL
+    for name in ("RunTask", "TaskDone", "TaskUnits", "CancelTask"):
+        assert Message.registry[name].scope & Scope.PEER
+
+
+@pytest.mark.parametrize("tag", NOT_FROM_PEERS)
+def test_a_peer_decoder_refuses_every_internal_and_control_type(tag: str) -> None:
+    msg = _example(Message.registry[tag])
+    with pytest.raises(DecodeError, match=f"{tag} may not come from a peer"):
+        decode(encode(msg), Scope.PEER)
+
+
+@pytest.mark.parametrize("tag", INTERNAL_TYPES)
+def test_no_socket_decoder_takes_an_internal_type(tag: str) -> None:
+    wire = encode(_example(Message.registry[tag]))
+    for scope in (Scope.CONTROL, Scope.CLIENT, Scope.PEER):
+        with pytest.raises(DecodeError, match="may not come from"):
+            decode(wire, scope)
+
+
+def test_a_nested_message_must_fit_the_scope_too() -> None:
+    smuggled = SubmitRequest(job=CpuJob(1))
+    assert decode(encode(smuggled), Scope.CONTROL) == smuggled
+    inside = ClientRequest(1, smuggled)  # internal wrapper around a control request
+    with pytest.raises(DecodeError, match="ClientRequest may not come from a client"):
+        decode(encode(inside), Scope.CONTROL)
+    wrapped = TaskDone("t", True, 1.0, detail={})
+    assert decode(encode(wrapped), Scope.PEER) == wrapped
+    with pytest.raises(DecodeError, match="TaskDone may not come from a client"):
+        decode(encode(wrapped), Scope.CONTROL)
+
+
+def _example(cls: type[Message]) -> Message:
+    """A message of ``cls`` with the simplest value of each field's type."""
+    return cls(**{name: _simplest(hint) for name, hint in messages._field_types(cls).items()})
+
+
+def _simplest(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _simplest(typing.get_args(hint)[0])
+    if isinstance(hint, type) and issubclass(hint, Message):
+        return Tick() if hint is Message else _example(hint)
+    plain = {int: 0, float: 0.0, str: "", bytes: b"", bool: False, type(None): None}
+    if hint in plain:
+        return plain[hint]
+    return {list: [], dict: {}}.get(typing.get_origin(hint) or hint)
 
 
 # -- the records themselves -----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from vesta.messages import (
     Message,
     PeersReply,
     PeersRequest,
+    Scope,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -120,7 +121,7 @@ class Client:
         if timeout is not None:
             self.sock.settimeout(timeout)
         try:
-            return decode(recv_frame(self.sock, CONTROL_MAX_FRAME))
+            return decode(recv_frame(self.sock, CONTROL_MAX_FRAME), Scope.CLIENT)
         except TimeoutError:
             raise DaemonUnreachable(f"the daemon at {self.path} did not answer in time") from None
         except (EOFError, OSError) as exc:

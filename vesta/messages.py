@@ -4,6 +4,11 @@ One vocabulary serves three places: the actors tell each other these records, th
 carries them between the CLI and the daemon, and the peer protocol carries them between daemons. So
 every field is a msgpack type (None, bool, int, float, str, bytes, list, dict) or another message.
 
+Every type says where it may come from (:class:`Scope`): the control socket (requests from a
+client), the daemon's answers to a client, a peer, or nowhere but inside the daemon. A decoder is
+told the scope it serves and refuses every other type, nested ones included, as a decode error: a
+peer can never send ``CancelAll`` or ``Drain``, a client never a ``TaskDone``.
+
 On the wire a message is a msgpack array ``[tag, field, field, ...]`` in field order; a message
 inside another travels as msgpack extension type 1 holding its own encoding. :func:`decode` checks
 the tag, the number of fields and each field's type, so a peer or a client cannot smuggle a wrong
@@ -14,6 +19,7 @@ This module is imported by the CLI, so it uses only the standard library and msg
 
 from __future__ import annotations
 
+import enum
 import types
 import typing
 from typing import Any, ClassVar, Union
@@ -25,7 +31,17 @@ _MAX_DEPTH = 8
 
 
 class DecodeError(ValueError):
-    """Bytes that are not a valid vesta message."""
+    """Bytes that are not a valid vesta message, or a message that may not come from there."""
+
+
+class Scope(enum.Flag):
+    """Where a message may come from. An ``INTERNAL`` type never leaves the daemon: no socket's
+    decoder serves that scope (only tests, to show such a type survives the codec)."""
+
+    INTERNAL = enum.auto()
+    CONTROL = enum.auto()  # a client's request on the control socket
+    CLIENT = enum.auto()  # the daemon's answer, read by a client
+    PEER = enum.auto()  # another daemon, over a sealed link
 
 
 @typing.dataclass_transform(frozen_default=True)
@@ -39,12 +55,15 @@ class Message:
     """
 
     registry: ClassVar[dict[str, type[Message]]] = {}
+    scope: ClassVar[Scope] = Scope.INTERNAL
     tag: ClassVar[str] = ""
     fields: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, scope: Scope | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if scope is not None:
+            cls.scope = scope
         own = [
             name
             for name, hint in cls.__dict__.get("__annotations__", {}).items()
@@ -110,8 +129,9 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb(_to_list(msg), default=_default, use_bin_type=True)
 
 
-def decode(data: bytes | memoryview) -> Message:
-    """Decode and type-check a message; raises :class:`DecodeError` on anything else."""
+def decode(data: bytes | memoryview, scope: Scope) -> Message:
+    """Decode and type-check a message that may come from ``scope``; raises
+    :class:`DecodeError` on anything else."""
     try:
         obj = msgpack.unpackb(
             data, ext_hook=_ext_hook, raw=False, strict_map_key=False
@@ -120,7 +140,7 @@ def decode(data: bytes | memoryview) -> Message:
         raise
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise DecodeError(f"not msgpack: {exc}") from None
-    return _from_list(obj, depth=0)
+    return _from_list(obj, scope, depth=0)
 
 
 def _to_list(msg: Message) -> list[Any]:
@@ -150,7 +170,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     return _Nested(data)
 
 
-def _from_list(obj: Any, depth: int) -> Message:
+def _from_list(obj: Any, scope: Scope, depth: int) -> Message:
     if depth > _MAX_DEPTH:
         raise DecodeError("messages nested too deeply")
     if isinstance(obj, _Nested):
@@ -165,15 +185,22 @@ def _from_list(obj: Any, depth: int) -> Message:
     cls = Message.registry.get(obj[0])
     if cls is None:
         raise DecodeError(f"unknown message type {obj[0][:40]!r}")
+    if not cls.scope & scope:
+        raise DecodeError(f"{cls.tag} may not come from {_where(scope)}")
     hints = _field_types(cls)
     values = obj[1:]
     if len(values) != len(hints):
         raise DecodeError(f"{cls.tag} takes {len(hints)} fields, got {len(values)}")
     checked = {
-        name: _check(value, hint, f"{cls.tag}.{name}", depth)
+        name: _check(value, hint, f"{cls.tag}.{name}", scope, depth)
         for (name, hint), value in zip(hints.items(), values, strict=True)
     }
     return cls(**checked)
+
+
+def _where(scope: Scope) -> str:
+    return {Scope.CONTROL: "a client", Scope.CLIENT: "the daemon", Scope.PEER: "a peer"}.get(
+        scope, str(scope))
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
@@ -203,7 +230,7 @@ def _plain(value: Any, where: str) -> Any:
     return value
 
 
-def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
+def _check(value: Any, hint: Any, where: str, scope: Scope, depth: int) -> Any:
     """Return ``value`` (nested messages decoded) if it fits ``hint``, else raise DecodeError."""
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -211,7 +238,7 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
     if origin in (Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
-                return _check(value, option, where, depth)
+                return _check(value, option, where, scope, depth)
             except DecodeError:
                 continue
         raise DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
@@ -220,18 +247,18 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
             return None
     elif isinstance(hint, type) and issubclass(hint, Message):
         if isinstance(value, _Nested):
-            inner = _from_list(value, depth + 1)
+            inner = _from_list(value, scope, depth + 1)
             if isinstance(inner, hint):
                 return inner
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(hint) or (Any,)
-            return [_check(v, item, where, depth) for v in value]
+            return [_check(v, item, where, scope, depth) for v in value]
     elif origin is dict:
         if isinstance(value, dict):
             key, item = typing.get_args(hint) or (Any, Any)
             return {
-                _check(k, key, where, depth): _check(v, item, where, depth)
+                _check(k, key, where, scope, depth): _check(v, item, where, scope, depth)
                 for k, v in value.items()
             }
     elif hint is float:
@@ -251,7 +278,7 @@ def _check(value: Any, hint: Any, where: str, depth: int) -> Any:
 # -- jobs ------------------------------------------------------------------------------------------
 
 
-class Job(Message):
+class Job(Message, scope=Scope.CONTROL | Scope.PEER):
     """Base of the job kinds a user can submit."""
 
     abstract = True
@@ -289,60 +316,60 @@ AnyJob = CpuJob | MemJob | ExecJob
 # -- control socket: requests from a client ------------------------------------------------------
 
 
-class StatusRequest(Message):
+class StatusRequest(Message, scope=Scope.CONTROL):
     """Ask for the node, its peers, ledger, jobs and counters."""
 
 
-class PeersRequest(Message):
+class PeersRequest(Message, scope=Scope.CONTROL):
     """Ask for the other nodes this daemon knows."""
 
 
-class SubmitRequest(Message):
+class SubmitRequest(Message, scope=Scope.CONTROL):
     """Run a job; the connection then receives its events until :class:`JobDone`."""
 
     job: AnyJob
 
 
-class CancelRequest(Message):
+class CancelRequest(Message, scope=Scope.CONTROL):
     """Cancel a job everywhere it runs. Empty ``job_id``: the job of this connection."""
 
     job_id: str = ""
 
 
-class StressRequest(Message):
+class StressRequest(Message, scope=Scope.CONTROL):
     """Pin ``cores`` of this daemon's cores (0 = all) for ``seconds``."""
 
     cores: int
     seconds: float
 
 
-class StopStressRequest(Message):
+class StopStressRequest(Message, scope=Scope.CONTROL):
     """End a running stress early."""
 
 
 # -- control socket: replies and job events ------------------------------------------------------
 
 
-class ErrorReply(Message):
+class ErrorReply(Message, scope=Scope.CLIENT):
     """A request that could not be served. ``code`` is a stable word, ``error`` a sentence."""
 
     code: str
     error: str
 
 
-class StatusReply(Message):
+class StatusReply(Message, scope=Scope.CLIENT):
     """The document ``vesta --json status`` prints."""
 
     doc: dict[str, Any]
 
 
-class PeersReply(Message):
+class PeersReply(Message, scope=Scope.CLIENT):
     """The peers ``vesta --json peers`` prints."""
 
     peers: list[dict[str, Any]]
 
 
-class StressReply(Message):
+class StressReply(Message, scope=Scope.CLIENT):
     """What a stress request or stop-stress did."""
 
     cores: int
@@ -350,7 +377,7 @@ class StressReply(Message):
     stopped: int = 0
 
 
-class JobAccepted(Message):
+class JobAccepted(Message, scope=Scope.CLIENT):
     """The job has an id; ``queued`` says it waits for a free worker at ``position``."""
 
     job_id: str
@@ -358,7 +385,7 @@ class JobAccepted(Message):
     position: int = 0
 
 
-class JobStarted(Message):
+class JobStarted(Message, scope=Scope.CLIENT):
     """The job (or part of it) started on ``node``."""
 
     job_id: str
@@ -366,7 +393,7 @@ class JobStarted(Message):
     units: int
 
 
-class JobProgress(Message):
+class JobProgress(Message, scope=Scope.CLIENT):
     """``done`` of ``total`` units are finished; ``nodes`` maps node name to units it finished."""
 
     job_id: str
@@ -375,7 +402,7 @@ class JobProgress(Message):
     nodes: dict[str, int]
 
 
-class JobOutput(Message):
+class JobOutput(Message, scope=Scope.CLIENT):
     """A chunk of an exec job's output; ``stream`` is "stdout" or "stderr"."""
 
     job_id: str
@@ -383,7 +410,7 @@ class JobOutput(Message):
     data: bytes
 
 
-class JobDone(Message):
+class JobDone(Message, scope=Scope.CLIENT):
     """The job ended: ``ok`` with ``result`` (the JSON document) or not, with ``error``.
 
     ``exit_code`` is what the CLI exits with (SPEC: 0, 1, 124-127, 128+N).
@@ -425,7 +452,7 @@ class ClientGone(Message):
     client: int
 
 
-class NodeInfo(Message):
+class NodeInfo(Message, scope=Scope.PEER):
     """What a node knows and tells about itself: readings, offer and what it accepts."""
 
     name: str
@@ -447,7 +474,7 @@ class NodeInfo(Message):
     temps_c: dict[str, float]
 
 
-class RunTask(Message):
+class RunTask(Message, scope=Scope.PEER):
     """Autopilot -> Executor: run units [``start``, ``end``) of a job (one unit for mem and exec).
 
     ``workers`` is how many worker slots the autopilot booked for it; ``lend`` marks work run for
@@ -463,20 +490,20 @@ class RunTask(Message):
     workers: int = 1
 
 
-class CancelTask(Message):
+class CancelTask(Message, scope=Scope.PEER):
     """Autopilot -> Executor: stop a task and kill its processes."""
 
     task_id: str
 
 
-class TaskUnits(Message):
+class TaskUnits(Message, scope=Scope.PEER):
     """Executor -> Autopilot: units that finished since the last report, by index."""
 
     task_id: str
     units: dict[int, bytes]
 
 
-class TaskOutput(Message):
+class TaskOutput(Message, scope=Scope.PEER):
     """Executor -> Autopilot: output of an exec task."""
 
     task_id: str
@@ -484,7 +511,7 @@ class TaskOutput(Message):
     data: bytes
 
 
-class TaskDone(Message):
+class TaskDone(Message, scope=Scope.PEER):
     """Executor -> Autopilot: a task ended.
 
     ``exit_code`` is the command's status for exec (SPEC's mapping), 0 or 1 otherwise;

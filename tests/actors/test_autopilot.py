@@ -37,6 +37,7 @@ from vesta.messages import (
     MemJob,
     Message,
     RunTask,
+    Scope,
     StatusReply,
     StatusRequest,
     SubmitRequest,
@@ -99,7 +100,7 @@ class Pilot:
             lambda m: m.client == client and isinstance(m.msg, kind)
             and (where is None or where(m.msg)),
         )
-        assert decode(encode(told)) == told
+        assert decode(encode(told.msg), Scope.CLIENT) == told.msg
         return told.msg
 
     def run_task(self, job_id: str) -> RunTask:

@@ -31,6 +31,7 @@ from vesta.messages import (
     CpuJob,
     ErrorReply,
     Message,
+    Scope,
     Serve,
     StartStress,
     StatusReply,
@@ -78,7 +79,7 @@ class Rig:
 
 
 def read(client: socket.socket) -> Message:
-    return decode(recv_frame(client, CONTROL_MAX_FRAME))
+    return decode(recv_frame(client, CONTROL_MAX_FRAME), Scope.CLIENT)
 
 
 def closed_by_peer(client: socket.socket) -> bool:
@@ -290,7 +291,7 @@ def test_a_client_of_another_user_is_refused(rig: Rig) -> None:
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     (size,) = HEADER.unpack_from(result.stdout)
     assert len(result.stdout) == HEADER.size + size, "one frame, then the connection closed"
-    reply = decode(result.stdout[HEADER.size:])
+    reply = decode(result.stdout[HEADER.size:], Scope.CLIENT)
     assert isinstance(reply, ErrorReply) and reply.code == "forbidden"
     assert rig.wiring.counters.get("refused_control_clients") == 1
     own = rig.connect()  # the owner is still served

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import KEY, Daemon, python_env, run_cli, wait_for
 from vesta.client import Client, VestaError
-from vesta.messages import ErrorReply, StatusReply, StatusRequest, encode
+from vesta.messages import ErrorReply, Scope, StatusReply, StatusRequest, encode
 from vesta.transport.framing import CONTROL_MAX_FRAME, HEADER, frame, recv_frame
 
 pytestmark = pytest.mark.timeout(90)
@@ -242,10 +242,10 @@ def test_garbage_in_a_frame_gets_an_error_and_the_connection_stays(daemon: Daemo
         s.sendall(frame(payload))
         from vesta.messages import decode
 
-        reply = decode(recv_frame(s, CONTROL_MAX_FRAME))
+        reply = decode(recv_frame(s, CONTROL_MAX_FRAME), Scope.CLIENT)
         assert isinstance(reply, ErrorReply) and reply.code == "bad_request"
         s.sendall(frame(encode(StatusRequest())))
-        assert isinstance(decode(recv_frame(s, CONTROL_MAX_FRAME)), StatusReply)
+        assert isinstance(decode(recv_frame(s, CONTROL_MAX_FRAME), Scope.CLIENT), StatusReply)
     assert bad_requests(daemon) == before + 1
 
 
@@ -254,7 +254,7 @@ def test_an_oversized_frame_is_refused_and_closed(daemon: Daemon) -> None:
         s.sendall(HEADER.pack(CONTROL_MAX_FRAME + 1) + b"x" * 100)
         from vesta.messages import decode
 
-        reply = decode(recv_frame(s, CONTROL_MAX_FRAME))
+        reply = decode(recv_frame(s, CONTROL_MAX_FRAME), Scope.CLIENT)
         assert isinstance(reply, ErrorReply) and reply.code == "bad_frame"
         assert s.recv(10) == b""
     assert still_serves(daemon)
@@ -287,7 +287,7 @@ def test_another_user_is_refused(daemon: Daemon) -> None:
                             timeout=20, env=python_env())
     from vesta.messages import decode
 
-    reply = decode(bytes.fromhex(result.stdout)[HEADER.size:])
+    reply = decode(bytes.fromhex(result.stdout)[HEADER.size:], Scope.CLIENT)
     assert isinstance(reply, ErrorReply) and reply.code == "forbidden"
     with Client(daemon.socket) as client:
         assert client.status()["counters"]["refused_control_clients"] == 1

@@ -29,6 +29,7 @@ from vesta.messages import (
     ErrorReply,
     Message,
     PeersRequest,
+    Scope,
     Serve,
     StartStress,
     StatusRequest,
@@ -159,7 +160,7 @@ class Control(VestaActor):
 
     def _on_frame(self, conn_id: int, payload: bytes) -> None:
         try:
-            request = decode(payload)
+            request = decode(payload, Scope.CONTROL)
         except DecodeError as exc:
             self.counters.add("bad_control_requests")
             reply = ErrorReply("bad_request", f"not a vesta request: {exc}")
