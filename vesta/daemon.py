@@ -29,6 +29,7 @@ from vesta.identity import IdentityError, load_or_create
 from vesta.messages import CancelAll, CountRunning, Drain, Serve
 from vesta.statefiles import StateFileError
 from vesta.sysstat import Sysstat, primary_ipv4
+from vesta.transport.loop import IoLoop
 from vesta.workers.supervisor import stop_job_servers
 
 logger = logging.getLogger("vesta.daemon")
@@ -78,6 +79,8 @@ def run(config: Any) -> int:
     links = Links()
     started: list[pykka.ActorRef[Any]] = []
     code = EXIT_FAILED
+    loop = IoLoop()
+    loop.start()
     try:
         sysstat = Sysstat()
         address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
@@ -89,7 +92,7 @@ def run(config: Any) -> int:
             counters, links, config, identity.fingerprint, sysstat, address
         )
         started.append(links.autopilot)
-        links.control = Control.start(counters, links, listener, config.socket)
+        links.control = Control.start(counters, links, loop, listener, config.socket)
         started.append(links.control)
         links.control.tell(Serve())
         logger.info("vestad %s: node %s (%s), %d cores, fingerprint %s", __version__,
@@ -103,6 +106,7 @@ def run(config: Any) -> int:
         for ref in reversed(started):
             _stop_actor(ref)
         pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
+        loop.stop()
         stop_job_servers()
         listener.close()
         if links.__dict__.get("control") is None:  # Control, which removes it, never started

@@ -46,6 +46,7 @@ from vesta.messages import (
     encode,
 )
 from vesta.transport.framing import CONTROL_MAX_FRAME, HEADER, frame, recv_frame
+from vesta.transport.loop import IoLoop
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -92,11 +93,14 @@ def closed_by_peer(client: socket.socket) -> bool:
 @pytest.fixture
 def rig(wiring: Wiring, sock_path: str) -> Iterator[Rig]:
     listener = open_control_socket(sock_path)
-    ref = Control.start(wiring.counters, wiring.links, listener, sock_path)
+    loop = IoLoop()
+    loop.start()
+    ref = Control.start(wiring.counters, wiring.links, loop, listener, sock_path)
     ref.tell(Serve())
     yield Rig(ref, sock_path, wiring)
     with contextlib.suppress(pykka.ActorDeadError):
         ref.stop(timeout=10)
+    loop.stop()
 
 
 # -- the socket file -------------------------------------------------------------------------------

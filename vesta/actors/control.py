@@ -1,9 +1,10 @@
 """The Control actor: the daemon's Unix control socket, where ``vesta`` and ``vestatop`` connect.
 
 The socket is mode 0600 and refuses a peer of another user (SO_PEERCRED). Requests are
-length-prefixed msgpack messages of at most :data:`CONTROL_MAX_FRAME` bytes. Its
-:class:`SocketLoop` thread decodes them; bad input (garbage, a wrong type, an oversized frame) is
-answered with an :class:`ErrorReply`, counted, and never reaches an actor. Control routes each
+length-prefixed msgpack messages of at most :data:`CONTROL_MAX_FRAME` bytes. The daemon's
+:class:`IoLoop` thread serves the socket, and each connection's :class:`ControlChannel` decodes
+them there; bad input (garbage, a wrong type, an oversized frame) is answered with an
+:class:`ErrorReply`, counted, and never reaches an actor. Control routes each
 request to the actor that serves it and sends replies back to the right connection.
 """
 
@@ -17,6 +18,8 @@ import stat
 import struct
 from pathlib import Path
 from typing import Any
+
+import pykka
 
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
@@ -42,7 +45,7 @@ from vesta.messages import (
     encode,
 )
 from vesta.transport.framing import CONTROL_MAX_FRAME, frame
-from vesta.transport.socketloop import SocketLoop
+from vesta.transport.loop import Channel, Conn, IoLoop
 
 logger = logging.getLogger(__name__)
 
@@ -87,26 +90,51 @@ def open_control_socket(path: str) -> socket.socket:
     return listener
 
 
+class ControlChannel(Channel):
+    """One client connection: frames are decoded as control requests and told to Control."""
+
+    max_frame = CONTROL_MAX_FRAME
+
+    def __init__(self, control: pykka.ActorRef[Any], counters: Counters, loop: IoLoop) -> None:
+        self.control = control
+        self.counters = counters
+        self.loop = loop
+
+    def frame(self, conn: Conn, body: memoryview) -> None:
+        try:
+            request = decode(body, Scope.CONTROL)
+        except DecodeError as exc:
+            self.counters.add("bad_control_requests")
+            self.loop.send(conn.conn_id,
+                           encode(ErrorReply("bad_request", f"not a vesta request: {exc}")))
+            return
+        tell_quietly(self.control, ClientRequest(conn.conn_id, request))
+
+    def too_large(self, conn: Conn, error: str) -> None:
+        self.counters.add("bad_control_requests")
+        self.loop.send(conn.conn_id, encode(ErrorReply("bad_frame", error)), close_after=True)
+
+    def closed(self, conn: Conn, reason: str) -> None:
+        tell_quietly(self.control, ClientGone(conn.conn_id))
+
+
 class Control(VestaActor):
     """Serves the control socket; routes requests to the autopilot and the executor."""
 
     def __init__(
-        self, counters: Counters, links: Links, listener: socket.socket, path: str
+        self, counters: Counters, links: Links, loop: IoLoop, listener: socket.socket, path: str
     ) -> None:
         super().__init__(counters)
         self.links = links
         self.path = path
         self.inode = os.stat(path).st_ino
-        self.loop = SocketLoop(
-            listener, CONTROL_MAX_FRAME, on_open=self._on_open, on_frame=self._on_frame,
-            on_bad_frame=self._on_bad_frame, on_close=self._on_close, name="vesta-control",
-        )
+        self.loop = loop
         self.listener = listener
 
     def handle(self, message: Message) -> Any:
         match message:
             case Serve():
-                self.loop.start()
+                self.loop.listen(self.listener, self._accept)
                 logger.info("control socket at %s", self.path)
             case ClientRequest(client=client, request=request):
                 self.route(client, request)
@@ -138,16 +166,18 @@ class Control(VestaActor):
         self.loop.send(client, encode(msg))
 
     def stopping(self) -> None:
-        self.loop.stop()
-        with contextlib.suppress(OSError):
-            self.listener.close()
+        self.loop.unlisten(self.listener)
+        for conn in self.loop.connections():
+            if isinstance(conn.channel, ControlChannel):
+                self.loop.close(conn.conn_id)
+        self.loop.call(self.listener.close)
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self.inode:  # still ours
                 Path(self.path).unlink()
 
     # -- called in the socket loop's thread --------------------------------------------------------
 
-    def _on_open(self, conn_id: int, sock: socket.socket) -> bool:
+    def _accept(self, sock: socket.socket, _address: Any) -> ControlChannel | None:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
         _pid, uid, _gid = _PEERCRED.unpack(creds)
         if uid != os.getuid():
@@ -155,25 +185,8 @@ class Control(VestaActor):
             logger.warning("refused a control connection from uid %d", uid)
             with contextlib.suppress(OSError):
                 sock.sendall(_error_frame("forbidden", "this daemon belongs to another user"))
-            return False
-        return True
-
-    def _on_frame(self, conn_id: int, payload: bytes) -> None:
-        try:
-            request = decode(payload, Scope.CONTROL)
-        except DecodeError as exc:
-            self.counters.add("bad_control_requests")
-            reply = ErrorReply("bad_request", f"not a vesta request: {exc}")
-            self.loop.send(conn_id, encode(reply))
-            return
-        tell_quietly(self.actor_ref, ClientRequest(conn_id, request))
-
-    def _on_bad_frame(self, conn_id: int, error: str) -> None:
-        self.counters.add("bad_control_requests")
-        self.loop.send(conn_id, encode(ErrorReply("bad_frame", error)), close_after=True)
-
-    def _on_close(self, conn_id: int) -> None:
-        tell_quietly(self.actor_ref, ClientGone(conn_id))
+            return None
+        return ControlChannel(self.actor_ref, self.counters, self.loop)
 
 
 def _error_frame(code: str, error: str) -> bytes:
