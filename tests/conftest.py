@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -89,6 +90,13 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
+def free_port(kind: int) -> int:
+    """A port of loopback that is free now, for TCP or UDP."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
                  env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
     """Start vestad with a private state directory and control socket, and wait until it answers."""
@@ -101,6 +109,13 @@ def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
             *extra]
     if not any(a in extra for a in ("-key", "--key", "-key-file", "--key-file")):
         args += ["-key", KEY]
+    # on loopback only, on ports of its own: beacons never leave this machine in the tests
+    if "-bind" not in extra:
+        args += ["-bind", "127.0.0.1"]
+    if "-port" not in extra:
+        args += ["-port", str(free_port(socket.SOCK_STREAM))]
+    if "-dport" not in extra:
+        args += ["-dport", str(free_port(socket.SOCK_DGRAM))]
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vesta.apps.vestad", *args], stdout=out,

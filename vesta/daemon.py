@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,17 @@ from vesta import __version__
 from vesta.actors.autopilot import Autopilot
 from vesta.actors.base import tell_quietly
 from vesta.actors.control import Control, ControlSocketError, open_control_socket
+from vesta.actors.discovery import Discovery, open_discovery_socket
 from vesta.actors.executor import Executor
 from vesta.actors.links import Links
+from vesta.actors.transport import Transport, open_peer_listener
 from vesta.counters import Counters
 from vesta.identity import IdentityError, load_or_create
 from vesta.messages import CancelAll, CountRunning, Drain, Serve
-from vesta.statefiles import StateFileError
+from vesta.sampler import Sampler
+from vesta.statefiles import StateFileError, next_boot
 from vesta.sysstat import Sysstat, primary_ipv4
+from vesta.transport.crypto import FederationKeys
 from vesta.transport.loop import IoLoop
 from vesta.workers.supervisor import stop_job_servers
 
@@ -62,6 +67,20 @@ def run(config: Any) -> int:
         listener.close()
         Path(config.socket).unlink(missing_ok=True)
         return _cannot_start("state_dir", exc)
+    try:
+        peer_listener = open_peer_listener(config.bind, config.port)
+    except OSError as exc:
+        listener.close()
+        Path(config.socket).unlink(missing_ok=True)
+        return _cannot_start("port", exc)
+    try:
+        beacons = open_discovery_socket(config.dport)
+        boot = next_boot(config.state_dir, config.name)
+    except (OSError, StateFileError) as exc:
+        listener.close()
+        peer_listener.close()
+        Path(config.socket).unlink(missing_ok=True)
+        return _cannot_start("dport", exc)
 
     stop = threading.Event()
     hurry = threading.Event()
@@ -81,34 +100,47 @@ def run(config: Any) -> int:
     code = EXIT_FAILED
     loop = IoLoop()
     loop.start()
+    sysstat = Sysstat()
+    address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
+    sampler = Sampler(sysstat, config, identity.fingerprint, address,
+                      config.advertise_spare_ms / 1000)
     try:
-        sysstat = Sysstat()
-        address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
+        keys = FederationKeys.derive(config.key)  # stretched once: about 0.1 s
+        node = sampler.sample()
         links.executor = Executor.start(
             counters, links, sorted(sysstat.cpus), config.exec_output_max_mb << 20
         )
         started.append(links.executor)
-        links.autopilot = Autopilot.start(
-            counters, links, config, identity.fingerprint, sysstat, address
-        )
+        links.executor.tell(node)
+        links.autopilot = Autopilot.start(counters, links, config, node, len(sysstat.cpus))
         started.append(links.autopilot)
+        links.transport = Transport.start(counters, links, loop, peer_listener, keys, identity)
+        started.append(links.transport)
+        links.discovery = Discovery.start(counters, links, loop, beacons, keys, identity, config,
+                                          boot, node)
+        started.append(links.discovery)
+        sampler.targets = [partial(tell_quietly, ref) for ref in
+                           (links.autopilot, links.discovery, links.executor)]
+        sampler.start()
         links.control = Control.start(counters, links, loop, listener, config.socket)
         started.append(links.control)
         links.control.tell(Serve())
-        logger.info("vestad %s: node %s (%s), %d cores, fingerprint %s", __version__,
-                    config.name, address, len(sysstat.cpus), identity.fingerprint)
-        logger.info("exec for peers: %s; peer discovery and the peer protocol (ports %d, %d) "
-                    "are not part of this release", _exec_policy(config), config.port,
-                    config.dport)
+        logger.info("vestad %s: node %s (%s), %d cores, fingerprint %s, peers on TCP %d, "
+                    "beacons on UDP %d, exec for peers: %s", __version__, config.name, address,
+                    len(sysstat.cpus), identity.fingerprint, config.port, config.dport,
+                    _exec_policy(config))
         code = _serve(stop, started)
         _shut_down(links, hurry)
     finally:
+        sampler.stop()
         for ref in reversed(started):
             _stop_actor(ref)
         pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
         loop.stop()
         stop_job_servers()
         listener.close()
+        peer_listener.close()
+        beacons.close()
         if links.__dict__.get("control") is None:  # Control, which removes it, never started
             Path(config.socket).unlink(missing_ok=True)
     logger.info("stopped")
@@ -136,7 +168,9 @@ def _serve(stop: threading.Event, actors: list[pykka.ActorRef[Any]]) -> int:
 
 
 def _shut_down(links: Links, hurry: threading.Event) -> None:
-    for ref in (links.autopilot, links.executor):  # new submissions are refused by the autopilot
+    # new submissions are refused by the autopilot; peers hear that this node leaves, and the
+    # work it ran for them is handed back at once
+    for ref in (links.autopilot, links.transport, links.executor):
         tell_quietly(ref, Drain())
     deadline = time.monotonic() + SHUTDOWN_GRACE
     while time.monotonic() < deadline and not hurry.is_set():

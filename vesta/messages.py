@@ -308,6 +308,7 @@ class ExecJob(Job):
     argv: list[str]
     timeout: float | None = None
     gpu: bool = False
+    retry: bool = False  # run it again elsewhere if its node goes away mid-run
 
 
 AnyJob = CpuJob | MemJob | ExecJob
@@ -525,6 +526,143 @@ class TaskDone(Message, scope=Scope.PEER):
     error: str = ""
     cancelled: bool = False
     detail: dict[str, Any] = {}
+    refused: bool = False  # a lender refused the task before running it
+    lost: bool = False  # the node running it went away: not the task's own failure
+
+
+# -- between daemons -----------------------------------------------------------------------------
+
+
+class Beacon(Message, scope=Scope.PEER):
+    """What a node announces by UDP: its state, and where its peer protocol listens.
+
+    ``boot`` and ``seq`` order a node's beacons: one that is not newer than the last accepted from
+    that fingerprint is dropped, so a captured beacon cannot be played back.
+    """
+
+    boot: int
+    seq: int
+    port: int
+    dport: int
+    advertise: str  # the address to connect to; "" = where the beacon came from
+    node: NodeInfo
+
+
+class PeerHello(Message, scope=Scope.PEER):
+    """The first message on a link, both ways: who the node is and what it accepts now."""
+
+    node: NodeInfo
+    port: int
+    dport: int
+
+
+class PeerLeaving(Message, scope=Scope.PEER):
+    """The node stops: its peers re-place what it ran for them at once."""
+
+    reason: str
+
+
+# -- inside the daemon: the federation -----------------------------------------------------------
+
+
+class BeaconHeard(Message):
+    """IoLoop -> Discovery: a beacon that opened under our key, from ``host``.
+
+    ``beacon`` is None when the sender speaks no version we do (then only its fingerprint and
+    ``versions`` are known).
+    """
+
+    fingerprint: str
+    versions: list[int]
+    beacon: Beacon | None
+    host: str
+
+
+class Dial(Message):
+    """Discovery -> Transport: open a link to a node heard of, if there is none yet."""
+
+    fingerprint: str
+    host: str
+    port: int
+
+
+class LinkUp(Message):
+    """IoLoop -> Transport: a handshake completed; the peer proved ``fingerprint``."""
+
+    conn_id: int
+    fingerprint: str
+    version: int
+    initiator: bool
+    host: str
+
+
+class LinkDown(Message):
+    """IoLoop -> Transport -> PeerLink: the link ended (closed, failed, or silent too long)."""
+
+    conn_id: int
+    fingerprint: str
+    reason: str
+
+
+class LinkRefused(Message):
+    """IoLoop -> Transport -> Discovery: a node with our key speaks no version we do."""
+
+    fingerprint: str
+    host: str
+    reason: str
+
+
+class LinkMessage(Message):
+    """IoLoop -> Transport -> PeerLink: a message that arrived on a link."""
+
+    conn_id: int
+    fingerprint: str
+    msg: Message
+
+
+class ForPeer(Message):
+    """Any actor -> Transport: send ``msg`` to the peer ``fingerprint`` over its link."""
+
+    fingerprint: str
+    msg: Message
+
+
+class PeerLinked(Message):
+    """Transport -> Discovery: a link to ``fingerprint`` is up (or down, with ``up`` False)."""
+
+    fingerprint: str
+    up: bool
+    version: int = 0
+    reason: str = ""
+
+
+class PeerSeen(Message):
+    """PeerLink -> Discovery: what a linked peer said of itself over the link."""
+
+    fingerprint: str
+    host: str
+    hello: PeerHello | None = None
+    leaving: str = ""
+
+
+class SeedsResolved(Message):
+    """Resolver thread -> Discovery: the seeds' addresses, as (host, port) pairs."""
+
+    addresses: list[list[Any]]
+
+
+class PeerTable(Message):
+    """Discovery -> Autopilot: every peer known, as plain documents, after each change."""
+
+    peers: list[dict[str, Any]]
+
+
+class LendTask(Message):
+    """PeerLink -> Executor: a peer asks this node to run a task for it."""
+
+    fingerprint: str
+    name: str
+    run: RunTask
 
 
 class StartStress(Message):

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from vesta.messages import ExecJob, Job, MemJob
 from vesta.sysstat import Supply
 
 #: Lending share when discharging below half charge, and when ``battery`` mode is forced.
@@ -112,3 +113,162 @@ def exec_permitted(argv0: str, allow_exec: bool, allowlist: Sequence[str]) -> tu
 
 def _clamp(x: float) -> float:
     return max(0.0, min(1.0, x))
+
+
+# -- placement -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node as placement sees it: plain data from the sampler (this node) or a peer's beacons.
+
+    ``free`` is how many more workers this node may be given by us now: for this node the worker
+    slots not booked, for a peer its offer less what we already run there.
+    """
+
+    key: str  # "" for this node, else the peer's fingerprint
+    name: str
+    cores: int
+    cpu_pct: float
+    mem_available_mb: int
+    offer_mem_mb: int
+    free: int
+    willingness: float = 1.0
+    power: str = "grid"
+    gpu: bool = False
+    allow_exec: bool = False
+    exec_allowlist: tuple[str, ...] = ()
+    state: str = "up"
+
+    @property
+    def local(self) -> bool:
+        return self.key == ""
+
+
+@dataclass(frozen=True)
+class Want:
+    """What a job needs of a node."""
+
+    kind: str  # cpu, mem, exec
+    argv0: str = ""
+    gpu: bool = False
+    mem_mb: int = 0
+
+
+def want_of(job: Job) -> Want:
+    """What a job needs of a node."""
+    if isinstance(job, ExecJob):
+        return Want("exec", job.argv[0] if job.argv else "", job.gpu)
+    if isinstance(job, MemJob):
+        return Want("mem", mem_mb=job.mb)
+    return Want(job.kind)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One node considered for a job: its score, whether it was chosen, and why, in a sentence."""
+
+    key: str
+    name: str
+    score: float
+    chosen: bool
+    reason: str
+
+
+def unable(node: Candidate, want: Want) -> str:
+    """Why ``node`` cannot take the job at all (a sentence), or "" if it can."""
+    if not node.local and node.state != "up":
+        return f"{node.name} is {node.state}"
+    if want.gpu and not node.gpu:
+        return f"{node.name} has no GPU"
+    if want.kind == "exec" and not node.local:
+        allowed, why = exec_permitted(want.argv0, node.allow_exec, node.exec_allowlist)
+        if not allowed:
+            return f"{node.name}: {why}"
+    if want.kind == "mem":
+        room = node.mem_available_mb if node.local else node.offer_mem_mb
+        if want.mem_mb > room:
+            return f"{node.name} has {room} MiB {'available' if node.local else 'offered'}"
+    if not node.local and node.free <= 0:
+        return f"{node.name} has no worker free for us"
+    return ""
+
+
+def spare(node: Candidate) -> float:
+    """A node's spare capacity: idle cores, at most its free workers, scaled by its willingness
+    to lend; memory available breaks ties."""
+    idle = max(0.0, node.cores * (1 - node.cpu_pct / 100))
+    return round(min(float(node.free), idle) * node.willingness + node.mem_available_mb / 1e7, 4)
+
+
+def place(want: Want, here: Candidate, peers: Sequence[Candidate],
+          spill_cpu_pct: float) -> tuple[Candidate | None, list[Decision]]:
+    """Where a job goes, and the decision on every node considered (SPEC's placement rule).
+
+    Local unless this node's CPU is at or above ``spill_cpu_pct`` or its workers are all booked;
+    otherwise the peer with the most spare capacity that can take the job; failing any, this node
+    again (the job waits for a worker here) if it can take the job at all. None when no node can.
+    """
+    decisions: list[Decision] = []
+    local_problem = unable(here, want)
+    busy = here.cpu_pct >= spill_cpu_pct
+    full = here.free <= 0
+    if not local_problem and not busy and not full:
+        decisions.append(Decision("", here.name, spare(here), True,
+                                  f"{here.name} (this node) is at {here.cpu_pct:.0f}% CPU, "
+                                  f"below the {spill_cpu_pct:.0f}% spill line, with "
+                                  f"{here.free} worker(s) free"))
+        decisions += [Decision(p.key, p.name, spare(p), False, "the job stays on the node it "
+                               "was submitted to") for p in peers]
+        return here, decisions
+    best: Candidate | None = None
+    for peer in peers:
+        problem = unable(peer, want)
+        if problem:
+            decisions.append(Decision(peer.key, peer.name, 0.0, False, problem))
+        elif best is None or spare(peer) > spare(best):
+            best = peer
+    for peer in peers:
+        if best is not None and not unable(peer, want):
+            chosen = peer is best
+            why = (f"{peer.name} is at {peer.cpu_pct:.0f}% CPU with {peer.free} worker(s) "
+                   f"offered: the most spare capacity" if chosen else
+                   f"{peer.name} has less spare capacity ({spare(peer):g} against "
+                   f"{spare(best):g})")
+            decisions.append(Decision(peer.key, peer.name, spare(peer), chosen, why))
+    if local_problem:
+        local_why = local_problem
+    elif busy:
+        local_why = (f"{here.name} (this node) is at {here.cpu_pct:.0f}% CPU, at or above the "
+                     f"{spill_cpu_pct:.0f}% spill line")
+    else:
+        local_why = f"{here.name} (this node) has every worker busy"
+    if best is not None:
+        decisions.insert(0, Decision("", here.name, spare(here), False, local_why))
+        return best, decisions
+    if local_problem:
+        decisions.insert(0, Decision("", here.name, 0.0, False, local_why))
+        return None, decisions
+    decisions.insert(0, Decision("", here.name, spare(here), True,
+                                 f"{local_why}, but no peer can take it: it runs here"))
+    return here, decisions
+
+
+def admit(want: Want, offer_workers: int, lent_busy: int, offer_mem_mb: int, lent_mem_mb: int,
+          allow_exec: bool, allowlist: Sequence[str], gpu: bool = False) -> str:
+    """Whether this node takes a task a peer asks it to run: "" if so, else the rule that says
+    no, as a sentence with the figures (the lender's side of placement)."""
+    if want.kind == "exec":
+        allowed, why = exec_permitted(want.argv0, allow_exec, allowlist)
+        if not allowed:
+            return why
+    if offer_workers <= 0:
+        return "it lends nothing now (its offer is 0 workers)"
+    if lent_busy >= offer_workers:
+        return f"every worker it offers is busy ({lent_busy} of {offer_workers})"
+    if want.kind == "mem" and want.mem_mb > offer_mem_mb - lent_mem_mb:
+        return (f"it offers {max(0, offer_mem_mb - lent_mem_mb)} MiB of memory now, "
+                f"{want.mem_mb} MiB asked")
+    if want.gpu and not gpu:
+        return "it has no GPU"
+    return ""

@@ -40,3 +40,16 @@ def read_json(path: Path) -> Any:
         raise StateFileError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise StateFileError(f"{path} is not valid JSON: {exc}") from None
+
+
+def next_boot(state_dir: str | Path, name: str) -> int:
+    """Count this start in the node's boot counter and return it. The counter is on disk (and
+    fsynced) before the first beacon, so beacons of a restarted node are newer than any before."""
+    path = Path(state_dir) / f"vestad-boot-{name}.json"
+    boot = 0
+    if path.exists():
+        data = read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("boot"), int):
+            boot = data["boot"]
+    write_private_json(path, {"boot": boot + 1})
+    return boot + 1

@@ -205,6 +205,18 @@ def ipv4_interfaces() -> list[tuple[str, str, str | None]]:
     return found
 
 
+def ipv4_networks() -> list[tuple[str, str, str, str | None]]:
+    """(interface, address, netmask, broadcast) for each IPv4 address, loopback excluded."""
+    import psutil  # only the daemon needs it
+
+    found = []
+    for name, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127.") and a.netmask:
+                found.append((name, a.address, a.netmask, a.broadcast))
+    return found
+
+
 def primary_ipv4() -> str | None:
     """The first non-loopback IPv4 address, the one to tell peers when nothing else is set."""
     interfaces = ipv4_interfaces()

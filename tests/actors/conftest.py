@@ -133,13 +133,16 @@ class Wiring:
     autopilot: ProbeHandle
     executor: ProbeHandle
     control: ProbeHandle
+    discovery: ProbeHandle
+    transport: ProbeHandle
 
 
 @pytest.fixture
 def wiring() -> Wiring:
     """Probes in every role (the autouse fixture of tests/conftest.py stops them afterwards)."""
     links = Links()
-    probes = {role: ProbeHandle.start() for role in ("autopilot", "executor", "control")}
+    roles = ("autopilot", "executor", "control", "discovery", "transport")
+    probes = {role: ProbeHandle.start() for role in roles}
     for role, probe in probes.items():
         setattr(links, role, probe.ref)
     return Wiring(links, Counters(), **probes)

@@ -8,7 +8,7 @@ Control encodes it for the socket.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from vesta.messages import (
     decode,
     encode,
 )
+from vesta.sampler import Sampler
 from vesta.sysstat import Sysstat
 from vesta.workers.jobs import job_digest
 
@@ -128,13 +129,16 @@ class Pilot:
 
 
 @pytest.fixture
-def pilot(wiring: Wiring, fake_root: Path) -> Pilot:
+def pilot(wiring: Wiring, fake_root: Path) -> Iterator[Pilot]:
     config = build_config({"key": "node1-test-key-0123", "name": "node1",
                            "advertise_spare_ms": 100})
-    sysstat = Sysstat(fake_root, cpus={0, 1})
-    ref = Autopilot.start(wiring.counters, wiring.links, config, "fp-node1", sysstat, "127.0.0.1")
+    sampler = Sampler(Sysstat(fake_root, cpus={0, 1}), config, "fp-node1", "127.0.0.1", 0.1)
+    ref = Autopilot.start(wiring.counters, wiring.links, config, sampler.sample(), 2)
     wiring.links.autopilot = ref
-    return Pilot(ref, wiring)
+    sampler.targets = [ref.tell]
+    sampler.start()
+    yield Pilot(ref, wiring)
+    sampler.stop()
 
 
 def real_units(start: int, end: int) -> dict[int, bytes]:

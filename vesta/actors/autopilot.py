@@ -1,10 +1,15 @@
-"""The Autopilot actor: takes jobs, queues them, places them, merges results, answers status.
+"""The Autopilot actor: takes jobs, queues and places them, merges results, answers status.
 
-It is the one actor that books this node's worker slots: a job runs when a slot is free, else it
-waits in a first-come, first-served queue. A cpu job is cut into tasks of contiguous units; the
-units come back one by one, so a task that fails loses only the units it had not finished, and
-those are run again. It samples the machine on a timer, which gives the node's load, power mode
-and offer for ``status``.
+It books workers on every node it uses: this node's worker slots (one per core it may use) and,
+on each peer, as many as that peer offers. A job is placed by :func:`vesta.policy.place` (here
+unless this node is busy, else the peer with the most spare capacity); when no node has room it
+waits in a first-come, first-served queue. Which units of a job are done, leased to a node or
+missing is kept by a :class:`~vesta.jobbook.JobBook`: a part that fails loses only its unfinished
+units, which run again (a failure of the part itself counts as one of the job's attempts; a node
+that went away or refused does not, and that node is not asked again for this job). A peer is
+just another executor: a part for it goes to the Transport as ``ForPeer``, and its results come
+back through its PeerLink as the local Executor's do. Every placement is recorded as decided, for
+``vesta why``. This node's readings arrive from the sampler; the peers' from Discovery.
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from vesta import PROTOCOL_VERSION, exits
+from vesta import exits
 from vesta.actors.base import VestaActor
 from vesta.actors.links import Links
 from vesta.counters import Counters
+from vesta.jobbook import JobBook
 from vesta.messages import (
     AnyJob,
     CancelAll,
@@ -32,6 +38,7 @@ from vesta.messages import (
     CpuJob,
     Drain,
     ExecJob,
+    ForPeer,
     JobAccepted,
     JobDone,
     JobOutput,
@@ -42,6 +49,7 @@ from vesta.messages import (
     NodeInfo,
     PeersReply,
     PeersRequest,
+    PeerTable,
     RunTask,
     StatusReply,
     StatusRequest,
@@ -49,43 +57,42 @@ from vesta.messages import (
     TaskDone,
     TaskOutput,
     TaskUnits,
-    Tick,
     ToClient,
 )
-from vesta.policy import offer_mem_mb, offer_workers, power_state
-from vesta.sysstat import Sysstat
+from vesta.policy import Candidate, Decision, place, want_of
 from vesta.workers.jobs import UNITS_PER_MILLION, job_digest
 
 logger = logging.getLogger(__name__)
 
 #: How often a job's progress is sent to its client, at most.
 PROGRESS_INTERVAL = 0.2
-#: A failed part of a job is run again this many times before the job fails.
+#: A part of a job that fails on its own account is run again this many times before the job fails.
 MAX_ATTEMPTS = 3
+#: Placements remembered for ``vesta why``.
+PLACEMENTS_KEPT = 50
 MAX_CPU_N = 10_000
 MAX_ARGV = 64 * 1024
 MAX_MS = 7 * 86400 * 1000
 MAX_TIMEOUT = 7 * 86400.0
+HERE = ""  # the key of this node in the slot books
 
 
 class JobRefused(ValueError):
     """A job that cannot run: ``exit_code`` is what the CLI exits with."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
+    def __init__(self, message: str, exit_code: int = exits.USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
 @dataclass
 class _Part:
-    """A task of a job: units [start, end) on a node."""
+    """A lease of a job being run on a node."""
 
     task_id: str
-    node: str
-    start: int
-    end: int
+    key: str  # HERE or the peer's fingerprint
+    name: str
     workers: int
-    done: int = 0
 
 
 @dataclass
@@ -94,67 +101,53 @@ class _Job:
     job: AnyJob
     client: int
     accepted: float
-    total: int
-    results: dict[int, bytes] = field(default_factory=dict)
+    book: JobBook
     parts: dict[str, _Part] = field(default_factory=dict)
-    placements: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # node name -> seconds it ran parts
+    units: Counter[str] = field(default_factory=Counter)  # node name -> units it finished
     started: float | None = None
     attempts: int = 0
     retried: int = 0
+    excluded: set[str] = field(default_factory=set)  # nodes not to ask again for this job
     cancelled: str = ""  # why, once it is cancelled
-    cancel_code: int = exits.CANCELLED  # what the client exits with then
+    cancel_code: int = exits.CANCELLED
     last_progress: float = 0.0
     failure: tuple[int, str] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def done_units(self) -> int:
-        return len(self.results) if isinstance(self.job, CpuJob) else 0
-
-    def missing(self) -> list[tuple[int, int]]:
-        """The contiguous ranges of units with no result yet."""
-        if not isinstance(self.job, CpuJob):
-            return [(0, 1)]
-        ranges: list[tuple[int, int]] = []
-        for i in range(self.total):
-            if i in self.results:
-                continue
-            if ranges and ranges[-1][1] == i:
-                ranges[-1] = (ranges[-1][0], i + 1)
-            else:
-                ranges.append((i, i + 1))
-        return ranges
-
 
 class Autopilot(VestaActor):
-    """Places and tracks jobs; knows this node's state."""
+    """Places and tracks jobs; knows this node's state and its peers'."""
 
     def __init__(
-        self, counters: Counters, links: Links, config: Any, fingerprint: str,
-        sysstat: Sysstat, address: str,
+        self, counters: Counters, links: Links, config: Any, node: NodeInfo, capacity: int,
     ) -> None:
         super().__init__(counters)
         self.links = links
         self.config = config
-        self.fingerprint = fingerprint
-        self.sysstat = sysstat
-        self.address = address
-        self.capacity = len(sysstat.cpus)
-        self.busy = 0
+        self.node = node
+        self.capacity = capacity
+        self.peers: dict[str, dict[str, Any]] = {}  # fingerprint -> what Discovery says
+        self.booked: Counter[str] = Counter()  # node key -> workers we run there
         self.jobs: dict[str, _Job] = {}
         self.queue: deque[str] = deque()
         self.tasks: dict[str, str] = {}  # task id -> job id
+        self.placements: deque[dict[str, Any]] = deque(maxlen=PLACEMENTS_KEPT)
         self.draining = False
         self._task_ids = itertools.count(1)
-        self.node = self.sample()
 
-    def on_start(self) -> None:
-        self.every(self.config.advertise_spare_ms / 1000, "sample")
+    @property
+    def busy(self) -> int:
+        return self.booked[HERE]
 
     def handle(self, message: Message) -> Any:
         match message:
-            case Tick(name="sample"):
-                self.node = self.sample()
+            case NodeInfo():
+                self.node = message
+                self.dispatch()
+            case PeerTable(peers=peers):
+                self.peers = {p["fingerprint"]: p for p in peers}
+                self.dispatch()
             case ClientRequest(client=client, request=request):
                 self.serve(client, request)
             case TaskUnits(task_id=task_id, units=units):
@@ -172,8 +165,9 @@ class Autopilot(VestaActor):
                 self.draining = True
                 for job_id in list(self.queue):
                     job = self.jobs[job_id]
-                    self.finish(job, error="the daemon is stopping",
-                                exit_code=exits.not_finished(job.job.kind))
+                    if not job.parts:
+                        self.finish(job, error="the daemon is stopping",
+                                    exit_code=exits.not_finished(job.job.kind))
             case CountRunning():
                 return len(self.tasks)
             case CancelAll(reason=reason):  # the daemon stops: the job failed, nobody cancelled
@@ -183,38 +177,25 @@ class Autopilot(VestaActor):
                 return super().handle(message)
         return None
 
-    # -- this node ---------------------------------------------------------------------------------
-
-    def sample(self) -> NodeInfo:
-        reading = self.sysstat.read()
-        power = power_state(reading.supplies, self.config.power, self.config.battery_min_pct)
-        cfg = self.config
-        return NodeInfo(
-            name=cfg.name, fingerprint=self.fingerprint, address=self.address,
-            version=PROTOCOL_VERSION, cores=reading.cores, cpu_pct=reading.cpu_pct,
-            mem_available_mb=reading.mem_available_mb, mem_total_mb=reading.mem_total_mb,
-            power=power.mode, willingness=round(power.willingness, 3),
-            battery_pct=power.battery_pct,
-            offer_workers=offer_workers(reading.cores, cfg.cpu_offer_pct, cfg.reserve_pct,
-                                        power.willingness),
-            offer_mem_mb=offer_mem_mb(reading.mem_available_mb, reading.mem_total_mb,
-                                      cfg.mem_offer_mb, cfg.reserve_pct, power.willingness),
-            gpu=reading.gpu, allow_exec=cfg.allow_exec, exec_allowlist=list(cfg.exec_allowlist),
-            temps_c=reading.temps_c,
-        )
+    # -- status ------------------------------------------------------------------------------------
 
     def node_doc(self) -> dict[str, Any]:
         doc = dict(zip(self.node.fields, self.node.values(), strict=True))
         doc.update(last_seen_s=0.0, workers_busy=self.busy, workers=self.capacity,
-                   queued=len(self.queue))
+                   queued=len(self.queue), state="up")
         return doc
+
+    def peer_docs(self) -> list[dict[str, Any]]:
+        return sorted(self.peers.values(), key=lambda p: (p.get("name", ""), p["fingerprint"]))
 
     def status_doc(self) -> dict[str, Any]:
         return {
             "node": self.node_doc(),
-            "peers": [],
+            "peers": self.peer_docs(),
             "ledger": {},
             "jobs": [self.job_doc(job) for job in self.jobs.values()],
+            "flows": self.flows(),
+            "events": [],
             "counters": self.counters.snapshot(),
         }
 
@@ -222,11 +203,28 @@ class Autopilot(VestaActor):
         now = time.monotonic()
         position = list(self.queue).index(job.job_id) + 1 if job.job_id in self.queue else 0
         return {
-            "job_id": job.job_id, "kind": job.job.kind, "state": "queued" if position else
-            "running", "queue_position": position, "done": job.done_units, "total": job.total,
-            "nodes": sorted({p.node for p in job.parts.values()}),
-            "seconds": round(now - job.accepted, 1), "spec": _spec(job.job, abbreviate=True),
+            "job_id": job.job_id, "kind": job.job.kind,
+            "state": "queued" if position and not job.parts else "running",
+            "queue_position": position, "done": job.book.done if _is_cpu(job) else 0,
+            "total": job.book.total, "nodes": sorted({p.name for p in job.parts.values()}),
+            "seconds": round(now - (job.started or now), 1),
+            "queued_seconds": round((job.started or now) - job.accepted, 1),
+            "spec": _spec(job.job, abbreviate=True),
         }
+
+    def flows(self) -> list[dict[str, Any]]:
+        """The parts running now on other nodes than this one."""
+        flows = []
+        for job in self.jobs.values():
+            for part in job.parts.values():
+                if part.key == HERE:
+                    continue
+                lease = job.book.leases.get(part.task_id)
+                if lease is not None:
+                    flows.append({"job_id": job.job_id, "from": self.config.name,
+                                  "to": part.name, "units_done": lease.done,
+                                  "units": lease.size, "rate": 0.0})
+        return flows
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -235,7 +233,7 @@ class Autopilot(VestaActor):
             case StatusRequest():
                 self.to_client(client, StatusReply(self.status_doc()))
             case PeersRequest():
-                self.to_client(client, PeersReply([]))
+                self.to_client(client, PeersReply(self.peer_docs()))
             case SubmitRequest(job=job):
                 self.submit(client, job)
             case CancelRequest(job_id=job_id):
@@ -250,16 +248,22 @@ class Autopilot(VestaActor):
             self.counters.add("refused_jobs")
             self.to_client(client, JobDone("", False, {}, str(exc), exc.exit_code))
             return
+        node, decisions = self.plan(spec, set())
+        if node is None:
+            self.counters.add("refused_jobs")
+            self.to_client(client, JobDone("", False, {}, _nowhere(spec, decisions),
+                                           exits.not_finished(spec.kind)))
+            return
         job_id = f"{self.config.name}-{secrets.token_hex(3)}"
-        job = _Job(job_id, spec, client, time.monotonic(), total)
+        job = _Job(job_id, spec, client, time.monotonic(), JobBook(total))
         self.jobs[job_id] = job
         self.queue.append(job_id)
-        queued = self.capacity - self.busy <= 0 or len(self.queue) > 1
-        self.to_client(client, JobAccepted(job_id, queued, len(self.queue) if queued else 0))
+        waits = len(self.queue) > 1 or node.free <= 0  # what dispatch is about to find
+        self.to_client(client, JobAccepted(job_id, waits, len(self.queue) if waits else 0))
         self.dispatch()
 
     def check(self, spec: AnyJob) -> int:
-        """Refuse what cannot run; return the job's unit count."""
+        """Refuse what cannot run anywhere; return the job's unit count."""
         if self.draining:
             raise JobRefused("the daemon is stopping; try again once it is back",
                              exits.not_finished(spec.kind))
@@ -273,48 +277,97 @@ class Autopilot(VestaActor):
             case MemJob(mb=mb, ms=ms):
                 if mb < 1 or not 0 <= ms <= MAX_MS:
                     raise JobRefused(f"mem takes MB of at least 1 and MS from 0 to {MAX_MS}")
-                promised = sum(j.job.mb for j in self.jobs.values() if isinstance(j.job, MemJob))
-                available = self.node.mem_available_mb - promised
-                if mb > available:
-                    raise JobRefused(f"not enough memory: {mb} MiB asked, {available} MiB "
-                                     "available on the only node", 1)
                 return 1
-            case ExecJob(argv=argv, timeout=timeout, gpu=gpu):
+            case ExecJob(argv=argv, timeout=timeout):
                 if not argv or not argv[0] or any("\0" in a for a in argv):
                     raise JobRefused("exec needs a command (without NUL bytes)")
                 if sum(len(a) + 1 for a in argv) > MAX_ARGV:
                     raise JobRefused(f"the command line is longer than {MAX_ARGV} characters")
                 if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
                     raise JobRefused(f"--timeout must be from 0 to {MAX_TIMEOUT:g} seconds")
-                if gpu and not self.node.gpu:
-                    raise JobRefused(f"no node can take {argv[0]!r}: it asks for a GPU and no "
-                                     "node has one", exits.NOT_RUN)
                 return 1
         raise JobRefused(f"unknown job kind {spec.tag}")
 
     # -- placing -----------------------------------------------------------------------------------
 
-    def dispatch(self) -> None:
-        """Start queued jobs, first come first served, while worker slots are free."""
-        while self.queue and not self.draining and self.capacity - self.busy > 0:
-            job = self.jobs[self.queue.popleft()]
-            self.run_local(job)
+    def here(self) -> Candidate:
+        node = self.node
+        promised = sum(j.job.mb for j in self.jobs.values() if isinstance(j.job, MemJob)
+                       and any(p.key == HERE for p in j.parts.values()))
+        return Candidate(
+            HERE, node.name, node.cores, node.cpu_pct, node.mem_available_mb - promised,
+            node.offer_mem_mb, self.capacity - self.booked[HERE], node.willingness, node.power,
+            node.gpu, True, tuple(node.exec_allowlist),
+        )
 
-    def run_local(self, job: _Job) -> None:
+    def plan(self, spec: AnyJob, excluded: set[str]) -> tuple[Candidate | None, list[Decision]]:
+        """Where a job would go now, and why (see :func:`vesta.policy.place`)."""
+        return place(want_of(spec), self.here(), self.candidates(excluded),
+                     self.config.spill_cpu_pct)
+
+    def candidates(self, excluded: set[str]) -> list[Candidate]:
+        found = []
+        for fp, peer in self.peers.items():
+            if fp in excluded or peer.get("state") != "up" or "offer_workers" not in peer:
+                continue
+            found.append(Candidate(
+                fp, peer["name"], peer["cores"], peer["cpu_pct"], peer["mem_available_mb"],
+                peer["offer_mem_mb"], peer["offer_workers"] - self.booked[fp],
+                peer["willingness"], peer["power"], peer["gpu"], peer["allow_exec"],
+                tuple(peer["exec_allowlist"]), peer["state"],
+            ))
+        return found
+
+    def dispatch(self) -> None:
+        """Start queued jobs, first come first served, while some node has room."""
+        while self.queue and not self.draining:
+            job = self.jobs[self.queue[0]]
+            if not self.place(job):
+                return
+            self.queue.popleft()
+
+    def place(self, job: _Job) -> bool:
+        """Place the job's missing units on one node; False if it must wait for room."""
+        if job.book.missing_units() == 0:
+            return True
+        node, decisions = self.plan(job.job, job.excluded)
+        self.remember(job, decisions)
+        if node is None:
+            self.finish(job, error=_nowhere(job.job, decisions),
+                        exit_code=exits.not_finished(job.job.kind))
+            return True
+        if node.free <= 0:
+            return False
+        self.start_part(job, node)
+        return True
+
+    def start_part(self, job: _Job, node: Candidate) -> None:
+        span = job.book.next_range(job.book.total)
+        assert span is not None
+        start, end = span
+        workers = min(node.free, end - start) if _is_cpu(job) else 1
+        task_id = f"{job.job_id}.{next(self._task_ids)}"
+        job.book.lease(task_id, node.key, start, end)
+        job.parts[task_id] = _Part(task_id, node.key, node.name, workers)
         if job.started is None:
             job.started = time.monotonic()
-        for start, end in job.missing():
-            free = self.capacity - self.busy
-            if free <= 0:
-                break
-            workers = min(free, end - start) if isinstance(job.job, CpuJob) else 1
-            task_id = f"{job.job_id}.{next(self._task_ids)}"
-            job.parts[task_id] = _Part(task_id, self.config.name, start, end, workers)
-            self.tasks[task_id] = job.job_id
-            self.busy += workers
-            self.links.executor.tell(RunTask(task_id, job.job_id, job.job, start, end, False,
-                                             workers))
-            self.to_client(job.client, JobStarted(job.job_id, self.config.name, end - start))
+        self.tasks[task_id] = job.job_id
+        self.booked[node.key] += workers
+        run = RunTask(task_id, job.job_id, job.job, start, end, False, workers)
+        if node.local:
+            self.links.executor.tell(run)
+        else:
+            self.links.transport.tell(ForPeer(node.key, run))
+        self.to_client(job.client, JobStarted(job.job_id, node.name, end - start))
+
+    def remember(self, job: _Job, decisions: list[Decision]) -> None:
+        self.placements.append({
+            "job_id": job.job_id, "kind": job.job.kind,
+            "nodes": [{"node": d.name, "score": d.score,
+                       "decision": "chosen" if d.chosen else "skipped", "reason": d.reason,
+                       "units": job.book.missing_units() if d.chosen else 0}
+                      for d in decisions],
+        })
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -327,99 +380,124 @@ class Autopilot(VestaActor):
         if job is None:
             return
         part = job.parts[task_id]
-        fresh = {i: d for i, d in units.items() if part.start <= i < part.end}
-        part.done += len(fresh)
-        job.results.update(fresh)
+        job.units[part.name] += job.book.record(task_id, units)
         now = time.monotonic()
         if now - job.last_progress >= PROGRESS_INTERVAL:
             job.last_progress = now
-            nodes: dict[str, int] = {}
-            for p in job.parts.values():
-                nodes[p.node] = nodes.get(p.node, 0) + p.done
-            self.to_client(job.client, JobProgress(job.job_id, len(job.results), job.total, nodes))
+            self.to_client(job.client, JobProgress(job.job_id, job.book.done, job.book.total,
+                                                   dict(job.units)))
 
     def on_task_done(self, done: TaskDone) -> None:
         job = self._job_of(done.task_id)
-        job_id = self.tasks.pop(done.task_id, None)
-        if job is None or job_id is None:
+        if job is None:
             return
+        del self.tasks[done.task_id]
         part = job.parts.pop(done.task_id)
-        self.busy -= part.workers
-        units = part.done if isinstance(job.job, CpuJob) else (1 if done.ok else 0)
-        if units:
-            placed = job.placements.setdefault(part.node, {"units": 0, "seconds": 0.0})
-            placed["units"] += units
-            placed["seconds"] = round(placed["seconds"] + done.seconds, 3)
+        self.booked[part.key] -= part.workers
+        lease = job.book.release(done.task_id)
+        unfinished = job.book.unfinished(lease) if lease is not None else 0
+        if not _is_cpu(job) and done.ok:
+            job.book.results[0] = b""
+            job.units[part.name] += 1
+        if job.units[part.name] or done.ok:
+            job.seconds[part.name] = job.seconds.get(part.name, 0.0) + done.seconds
         job.detail.update(done.detail)
-        if not done.ok and not done.cancelled:
+        if done.refused or done.lost:
+            self.lost_part(job, part, done, unfinished)
+        elif not done.ok and not done.cancelled:
             job.failure = (done.exit_code, done.error)
-        if not job.parts:
-            self.settle(job, done)
+        if job.job_id in self.jobs:
+            if not job.parts:
+                self.settle(job, done)
+            elif job.book.missing_units() and job.job_id not in self.queue:
+                self.queue.appendleft(job.job_id)  # what a lost node ran goes elsewhere now
         self.dispatch()
 
+    def lost_part(self, job: _Job, part: _Part, done: TaskDone, unfinished: int) -> None:
+        """A node refused the part or went away: not the job's fault, and not asked again."""
+        job.excluded.add(part.key)
+        logger.info("job %s: %s", job.job_id, done.error)
+        if done.refused:
+            self.counters.add("refused_by_peers")
+            return
+        if isinstance(job.job, ExecJob) and not job.job.retry:
+            job.failure = (exits.NOT_RUN, f"{done.error}; the command did not finish there "
+                           "(with --retry it would run again elsewhere)")
+            self.fail_now(job)
+            return
+        job.retried += unfinished
+
+    def fail_now(self, job: _Job) -> None:
+        """End a job whose failure is final, stopping its other parts."""
+        code, error = job.failure or (exits.FAILED, "failed")
+        job.cancelled, job.cancel_code = error, code
+        for task_id, part in job.parts.items():
+            self.cancel_part(task_id, part)
+        if not job.parts:
+            self.finish(job, error=error, exit_code=code)
+
     def settle(self, job: _Job, last: TaskDone) -> None:
-        """All parts of a job ended: finish it, or run again what is missing."""
+        """Every part of a job ended: finish it, or place again what is missing."""
         if job.cancelled:
             self.finish(job, error=job.cancelled, exit_code=job.cancel_code)
             return
-        if isinstance(job.job, CpuJob):
-            if len(job.results) == job.total:
-                self.finish(job)
-                return
-            if self.draining:
-                _code, error = job.failure or (1, "units are missing")
-                self.finish(job, error=f"the daemon is stopping ({error})", exit_code=1)
-                return
-            if job.failure is not None:  # a part failed: what it did not finish runs again
-                job.attempts += 1
-                _code, error = job.failure
-                job.failure = None
-                if job.attempts >= MAX_ATTEMPTS:
-                    self.finish(job, error=f"gave up after {job.attempts} attempts: {error}",
-                                exit_code=1)
-                    return
-                lost = sum(end - start for start, end in job.missing())
-                job.retried += lost
-                logger.info("job %s: running %d lost units again", job.job_id, lost)
-            self.queue.appendleft(job.job_id)
+        if job.book.complete:
+            code = last.exit_code if isinstance(job.job, ExecJob) else exits.OK
+            self.finish(job, exit_code=code)
             return
-        if isinstance(job.job, ExecJob):
-            if last.ok:
-                self.finish(job, exit_code=last.exit_code)
+        if job.failure is not None and not _is_cpu(job):
+            code, error = job.failure
+            if isinstance(job.job, ExecJob):
+                self.finish(job, error=error, exit_code=exits.exec_failure(code))
             else:
-                self.finish(job, error=last.error, exit_code=exits.exec_failure(last.exit_code))
+                self.finish(job, error=error, exit_code=exits.FAILED)
             return
-        if last.ok:
-            self.finish(job)
-        else:
-            self.finish(job, error=last.error, exit_code=1)
+        if self.draining:
+            _code, error = job.failure or (exits.FAILED, "units are missing")
+            self.finish(job, error=f"the daemon is stopping ({error})",
+                        exit_code=exits.not_finished(job.job.kind))
+            return
+        if job.failure is not None:  # a part failed on its own: what it did not finish runs again
+            job.attempts += 1
+            _code, error = job.failure
+            job.failure = None
+            if job.attempts >= MAX_ATTEMPTS:
+                self.finish(job, error=f"gave up after {job.attempts} attempts: {error}",
+                            exit_code=exits.FAILED)
+                return
+            lost = job.book.missing_units()
+            job.retried += lost
+            logger.info("job %s: running %d lost units again", job.job_id, lost)
+        if job.job_id not in self.queue:
+            self.queue.appendleft(job.job_id)
 
     def finish(self, job: _Job, error: str = "", exit_code: int | None = None) -> None:
         self.jobs.pop(job.job_id, None)
         if job.job_id in self.queue:
             self.queue.remove(job.job_id)
         now = time.monotonic()
+        started = job.started or now
         result: dict[str, Any] = {
             "job_id": job.job_id,
             "kind": job.job.kind,
             **_spec(job.job),
-            "seconds": round(now - job.accepted, 3),
-            "queued_seconds": round((job.started or now) - job.accepted, 3),
+            "seconds": round(now - started, 3),
+            "queued_seconds": round(started - job.accepted, 3),
             "placements": [
-                {"node": node, "units": int(p["units"]), "seconds": p["seconds"]}
-                for node, p in job.placements.items()
+                {"node": name, "units": units, "seconds": round(job.seconds.get(name, 0.0), 3)}
+                for name, units in job.units.items() if units
             ],
             "retried": job.retried,
         }
-        if isinstance(job.job, CpuJob) and len(job.results) == job.total:
-            result["digest"] = job_digest([job.results[i] for i in range(job.total)])
+        if _is_cpu(job) and job.book.complete:
+            result["digest"] = job_digest([job.book.results[i] for i in range(job.book.total)])
         if isinstance(job.job, ExecJob):
-            placed = list(job.placements) or [self.config.name]
-            result["node"] = placed[-1]
+            ran = [name for name, units in job.units.items() if units]
+            result["node"] = ran[-1] if ran else self.config.name
             result["exit_code"] = exit_code if exit_code is not None else 0
         result.update(job.detail)
         ok = not error
-        code = exit_code if exit_code is not None else (0 if ok else 1)
+        code = exit_code if exit_code is not None else (exits.OK if ok else exits.FAILED)
         self.to_client(job.client, JobDone(job.job_id, ok, result, error, code))
         logger.info("job %s %s in %.2f s%s", job.job_id, "done" if ok else "failed",
                     result["seconds"], f": {error}" if error else "")
@@ -428,16 +506,35 @@ class Autopilot(VestaActor):
         self, job: _Job, reason: str = "cancelled", exit_code: int = exits.CANCELLED
     ) -> None:
         """Stop a job everywhere it runs; its client hears ``reason`` and ``exit_code``."""
-        if job.job_id in self.queue:
+        if not job.parts:
             self.finish(job, error=reason, exit_code=exit_code)
             return
         job.cancelled = reason
         job.cancel_code = exit_code
-        for task_id in job.parts:
+        for task_id, part in job.parts.items():
+            self.cancel_part(task_id, part)
+
+    def cancel_part(self, task_id: str, part: _Part) -> None:
+        if part.key == HERE:
             self.links.executor.tell(CancelTask(task_id))
+        else:
+            self.links.transport.tell(ForPeer(part.key, CancelTask(task_id)))
 
     def to_client(self, client: int, msg: Message) -> None:
         self.links.control.tell(ToClient(client, msg))
+
+
+def _nowhere(spec: AnyJob, decisions: list[Decision]) -> str:
+    """The sentence for a job no node can take: the command, and why each node cannot."""
+    reasons = "; ".join(d.reason for d in decisions)
+    if isinstance(spec, MemJob):
+        return f"not enough memory on any node for {spec.mb} MiB: {reasons}"
+    what = f"{spec.argv[0]!r}" if isinstance(spec, ExecJob) else f"this {spec.kind} job"
+    return f"no node can take {what}: {reasons}"
+
+
+def _is_cpu(job: _Job) -> bool:
+    return isinstance(job.job, CpuJob)
 
 
 def _spec(job: AnyJob, abbreviate: bool = False) -> dict[str, Any]:

@@ -21,16 +21,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from vesta import exits
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
+from vesta.actors.peerlink import lent_task_id
 from vesta.counters import Counters
 from vesta.messages import (
     CancelTask,
     CpuJob,
     Drain,
     ExecJob,
+    ForPeer,
+    LendTask,
     MemJob,
     Message,
+    NodeInfo,
     RunTask,
     StartStress,
     StopStress,
@@ -43,6 +48,7 @@ from vesta.messages import (
     WorkerOutput,
     WorkerUnits,
 )
+from vesta.policy import admit, want_of
 from vesta.workers.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -50,6 +56,7 @@ logger = logging.getLogger(__name__)
 #: Where this installation's programs are: exec looks there after PATH, so that
 #: ``vesta exec -- ./piwork`` finds the piwork installed beside vestad.
 PROGRAMS_DIR = os.path.dirname(sys.executable)
+
 
 @dataclass
 class _Task:
@@ -59,6 +66,9 @@ class _Task:
     errors: list[tuple[int, str]] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False
+    peer: str = ""  # the fingerprint of the peer it runs for; "" for this node's own work
+    peer_task: str = ""  # the id that peer gave it
+    booked: int = 0  # lent workers it holds
 
 
 class Executor(VestaActor):
@@ -76,6 +86,7 @@ class Executor(VestaActor):
         self.owner: dict[str, str] = {}  # worker id -> task id
         self.stress_workers: set[str] = set()
         self.draining = False
+        self.node: NodeInfo | None = None  # the latest sample: the offer to peers
         self._ids = itertools.count(1)
         self.supervisor = Supervisor(report=partial(tell_quietly, self.actor_ref))
 
@@ -89,14 +100,19 @@ class Executor(VestaActor):
         match message:
             case RunTask():
                 self.run_task(message)
+            case LendTask():
+                self.lend(message)
+            case NodeInfo():
+                self.node = message
             case CancelTask(task_id=task_id):
                 self.cancel(task_id)
             case WorkerUnits(worker=worker, units=units):
                 self.on_units(worker, units)
             case WorkerOutput(worker=worker, stream=stream, data=data):
                 owner = self.owner.get(worker)
-                if owner is not None:
-                    self.links.autopilot.tell(TaskOutput(owner, stream, data))
+                if owner is not None and owner in self.tasks:
+                    task = self.tasks[owner]
+                    self.report(task, TaskOutput(task.peer_task or owner, stream, data))
             case WorkerExited():
                 self.on_exit(message)
             case StartStress(client=client, cores=cores, seconds=seconds):
@@ -110,15 +126,51 @@ class Executor(VestaActor):
                 return super().handle(message)
         return None
 
+    # -- lending ---------------------------------------------------------------------------------
+
+    def lend(self, lend: LendTask) -> None:
+        """A peer asks for a task: admit it against the offer and the exec rules, or refuse it
+        with the rule, in a sentence that names this node."""
+        run = lend.run
+        lent = [t for t in self.tasks.values() if t.peer]
+        busy = sum(t.booked for t in lent)
+        mem = sum(t.run.job.mb for t in lent if isinstance(t.run.job, MemJob))
+        node = self.node
+        name = node.name if node else "this node"
+        why = "it is stopping" if self.draining or node is None else admit(
+            want_of(run.job), node.offer_workers, busy, node.offer_mem_mb, mem,
+            node.allow_exec, node.exec_allowlist, node.gpu)
+        if why:
+            self.counters.add("refused_jobs")
+            what = f"{run.job.argv[0]!r}" if isinstance(run.job, ExecJob) else run.job.kind
+            logger.info("refused %s for %s: %s", what, lend.name, why)
+            self.links.transport.tell(ForPeer(lend.fingerprint, TaskDone(
+                run.task_id, False, 0.0, exits.NOT_RUN, f"{name} refused {what}: {why}",
+                refused=True)))
+            return
+        assert node is not None
+        workers = max(1, min(run.workers, node.offer_workers - busy))
+        local = run.replace(task_id=lent_task_id(lend.fingerprint, run.task_id), lend=True,
+                            workers=workers)
+        assert isinstance(local, RunTask)
+        self.run_task(local, peer=lend.fingerprint, peer_task=run.task_id)
+
+    def report(self, task: _Task, msg: Message) -> None:
+        """What a task produced goes to the Autopilot, or to the peer it runs for."""
+        if task.peer:
+            self.links.transport.tell(ForPeer(task.peer, msg))
+        else:
+            self.links.autopilot.tell(msg)
+
     # -- tasks -------------------------------------------------------------------------------------
 
-    def run_task(self, run: RunTask) -> None:
+    def run_task(self, run: RunTask, peer: str = "", peer_task: str = "") -> None:
         if run.task_id in self.tasks:
             logger.warning("task %s is already running", run.task_id)
             return
         if self.draining:
-            stopping = TaskDone(run.task_id, False, 0.0, 1, "the daemon is stopping")
-            self.links.autopilot.tell(stopping)
+            stopping = TaskDone(peer_task or run.task_id, False, 0.0, 1, "the daemon is stopping")
+            self.report(_Task(run, set(), 0.0, peer=peer), stopping)
             return
         job = run.job
         pieces: list[dict[str, Any]]
@@ -135,7 +187,8 @@ class Executor(VestaActor):
                        "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR}]
         else:
             raise TypeError(f"no executor for {job.tag}")
-        task = _Task(run, set(), time.monotonic())
+        task = _Task(run, set(), time.monotonic(), peer=peer, peer_task=peer_task,
+                     booked=len(pieces) if peer else 0)
         self.tasks[run.task_id] = task
         for params in pieces:
             worker = f"w{next(self._ids)}"
@@ -156,7 +209,7 @@ class Executor(VestaActor):
         task = self.tasks.get(task_id) if task_id else None
         if task is None:
             return
-        self.links.autopilot.tell(TaskUnits(task.run.task_id, units))
+        self.report(task, TaskUnits(task.peer_task or task.run.task_id, units))
 
     def on_exit(self, exited: WorkerExited) -> None:
         if exited.worker in self.stress_workers:
@@ -183,9 +236,8 @@ class Executor(VestaActor):
         ok = not task.cancelled and not any(text for _, text in task.errors)
         if task.cancelled:
             error = error or "cancelled"
-        self.links.autopilot.tell(
-            TaskDone(task.run.task_id, ok, seconds, code, error, task.cancelled, task.detail)
-        )
+        self.report(task, TaskDone(task.peer_task or task.run.task_id, ok, seconds, code, error,
+                                   task.cancelled, task.detail))
 
     # -- stress ------------------------------------------------------------------------------------
 

@@ -19,3 +19,5 @@ class Links:
     autopilot: pykka.ActorRef[Any]
     executor: pykka.ActorRef[Any]
     control: pykka.ActorRef[Any]
+    discovery: pykka.ActorRef[Any]
+    transport: pykka.ActorRef[Any]  # the owner of the PeerLinks

@@ -52,7 +52,7 @@ class Channel:
 
     def wrap(self, payload: bytes) -> list[bytes]:
         """What to write for one queued payload: the header and the body."""
-        return [HEADER.pack(len(payload)), payload]
+        return _plain_frame(payload)
 
     def too_large(self, conn: Conn, error: str) -> None:
         """A frame over :attr:`max_frame` was announced; the connection closes after this."""
@@ -71,7 +71,7 @@ class Conn:
         self.channel = channel
         self.peer = peer  # the remote address
         self.connecting = False
-        self.out: deque[bytes | memoryview] = deque()  # payloads, or raw bytes once wrapped
+        self.out: deque[tuple[bytes, bool]] = deque()  # (payload, plain) not yet wrapped
         self.pending: deque[memoryview] = deque()  # wrapped bytes not yet fully written
         self.queued = 0
         self.closing = False  # close once the queue is written
@@ -136,8 +136,12 @@ class IoLoop(threading.Thread):
         self.call(lambda: self._connect(conn_id, address, channel))
         return conn_id
 
-    def send(self, conn_id: int, payload: bytes, close_after: bool = False) -> bool:
-        """Queue one frame's payload for a connection; False if it is gone or was dropped."""
+    def send(self, conn_id: int, payload: bytes, close_after: bool = False,
+             plain: bool = False) -> bool:
+        """Queue one frame's payload for a connection; False if it is gone or was dropped.
+
+        The channel wraps (seals) it when it is written; ``plain`` frames it as it is (a handshake
+        message that is already sealed, say)."""
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing:
@@ -149,7 +153,7 @@ class IoLoop(threading.Thread):
                 conn.closing = True
                 ok = False
             else:
-                conn.out.append(payload)
+                conn.out.append((payload, plain))
                 conn.queued += len(payload)
                 conn.closing = close_after
                 ok = True
@@ -256,8 +260,8 @@ class IoLoop(threading.Thread):
             conn.queued = 0
         chunks: list[bytes | memoryview] = list(conn.pending)
         conn.pending.clear()
-        for payload in payloads:
-            chunks += conn.channel.wrap(bytes(payload))
+        for payload, plain in payloads:
+            chunks += _plain_frame(payload) if plain else conn.channel.wrap(payload)
         return chunks
 
     def _update_interest(self) -> None:
@@ -413,10 +417,11 @@ class IoLoop(threading.Thread):
                 with self._lock:
                     if not conn.out:
                         return True
-                    payload = conn.out.popleft()
+                    payload, plain = conn.out.popleft()
                     conn.queued -= len(payload)
                 try:
-                    conn.pending.extend(memoryview(b) for b in conn.channel.wrap(bytes(payload)))
+                    chunks = _plain_frame(payload) if plain else conn.channel.wrap(payload)
+                    conn.pending.extend(memoryview(b) for b in chunks)
                 except Exception as exc:  # a cipher that refuses (counter exhausted): end it
                     self._drop(conn.conn_id, f"cannot seal a frame: {exc}")
                     return False
@@ -455,3 +460,7 @@ class IoLoop(threading.Thread):
             conn.channel.closed(conn, reason)
         except Exception:
             logger.exception("a channel failed to close")
+
+
+def _plain_frame(payload: bytes) -> list[bytes]:
+    return [HEADER.pack(len(payload)), payload]
