@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 
+import psutil
 import pytest
 
+from tests.conftest import wait_for
 from vesta import exits
 
 
@@ -38,10 +41,19 @@ def test_constants_follow_the_shell() -> None:
     assert exits.killed_by(signal.SIGKILL) == 137
 
 
+def _group_alive(pgid: int) -> list[psutil.Process]:
+    alive = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
 def test_kill_group_kills_the_whole_group_and_tolerates_a_gone_one() -> None:
     proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60; wait"], start_new_session=True)
+    wait_for(lambda: len(_group_alive(proc.pid)) >= 2, what="the shell and its background sleep")
     exits.kill_group(proc.pid)
     assert proc.wait(timeout=10) == -signal.SIGKILL
-    exits.kill_group(proc.pid)  # the group is gone now: no error
-    with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)
+    wait_for(lambda: not _group_alive(proc.pid), what="the whole group to be gone")
+    exits.kill_group(proc.pid)  # a group that is gone: no error
