@@ -9,6 +9,7 @@ from collections import Counter
 ALWAYS_SHOWN = (
     "dropped_beacons",
     "dropped_frames",
+    "failed_handshakes",
     "refused_jobs",
     "bad_control_requests",
     "refused_control_clients",

@@ -473,6 +473,7 @@ class NodeInfo(Message, scope=Scope.PEER):
     allow_exec: bool
     exec_allowlist: list[str]
     temps_c: dict[str, float]
+    lent_cpu_pct: float = 0.0  # the load of the work run for peers, on its cores
 
 
 class RunTask(Message, scope=Scope.PEER):

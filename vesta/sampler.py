@@ -38,6 +38,17 @@ def node_info(reading: Reading, config: Any, fingerprint: str, address: str) -> 
     )
 
 
+def describe(node: NodeInfo) -> dict[str, Any]:
+    """A node as ``status`` and ``peers`` show it: its fields, plus the owner's share of the load,
+    the share lent to peers, and the hottest temperature (null where unknown)."""
+    doc = dict(zip(node.fields, node.values(), strict=True))
+    doc.update(
+        owner_cpu_pct=round(max(0.0, node.cpu_pct - node.lent_cpu_pct), 1),
+        temp_c=max(node.temps_c.values()) if node.temps_c else None,
+    )
+    return doc
+
+
 class Sampler(threading.Thread):
     """Every ``interval`` seconds: read the machine and tell ``targets`` the NodeInfo."""
 

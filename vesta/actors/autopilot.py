@@ -60,6 +60,7 @@ from vesta.messages import (
     ToClient,
 )
 from vesta.policy import Candidate, Decision, place, want_of
+from vesta.sampler import describe
 from vesta.workers.jobs import UNITS_PER_MILLION, job_digest
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Autopilot(VestaActor):
     # -- status ------------------------------------------------------------------------------------
 
     def node_doc(self) -> dict[str, Any]:
-        doc = dict(zip(self.node.fields, self.node.values(), strict=True))
+        doc = describe(self.node)
         doc.update(last_seen_s=0.0, workers_busy=self.busy, workers=self.capacity,
                    queued=len(self.queue), state="up")
         return doc

@@ -52,6 +52,7 @@ from vesta.messages import (
     decode,
     encode,
 )
+from vesta.sampler import describe
 from vesta.sysstat import ipv4_networks
 from vesta.transport.crypto import (
     MAX_DATAGRAM,
@@ -136,7 +137,7 @@ class _Node:
 
     def doc(self, now: float) -> dict[str, Any]:
         info = self.node
-        fields: dict[str, Any] = dict(zip(info.fields, info.values(), strict=True)) if info else {
+        fields: dict[str, Any] = describe(info) if info else {
             "name": self.fingerprint[:8], "fingerprint": self.fingerprint}
         fields.update(
             fingerprint=self.fingerprint, address=self.advertise or self.host,

@@ -1,0 +1,323 @@
+"""Real daemons on loopback as peers: linking through seeds, keys, versions, hostile input.
+
+Every daemon here binds 127.0.0.1 and finds the others through ``-seed``, so nothing leaves the
+machine; broadcast discovery across hosts is tried in tests/lab. A test that needs a peer which
+misbehaves plays it itself, with the project's own handshake and a key pair of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.conftest import KEY, Daemon, free_port, wait_for
+from vesta import PROTOCOL_VERSION
+from vesta.identity import Identity
+from vesta.messages import Beacon, NodeInfo, RunTask, encode
+from vesta.transport.crypto import FederationKeys, seal_beacon
+from vesta.transport.framing import HEADER, frame
+from vesta.transport.handshake import Initiator, VersionMismatch
+
+pytestmark = pytest.mark.timeout(120)
+
+Start = Callable[..., Daemon]
+
+
+def ports() -> tuple[int, int]:
+    return free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
+
+
+def peers(d: Daemon) -> list[dict[str, Any]]:
+    result = d.cli("--json", "peers")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["peers"]
+
+
+def status(d: Daemon) -> dict[str, Any]:
+    result = d.cli("--json", "status")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def up(d: Daemon, name: str) -> bool:
+    return any(p["name"] == name and p["state"] == "up" for p in peers(d))
+
+
+def pair(start: Start, *extra_b: str, key_b: str = KEY,
+         extra_a: tuple[str, ...] = ()) -> tuple[Daemon, Daemon, dict[str, int]]:
+    """Two daemons on loopback that seed each other."""
+    (pa, da), (pb, db) = ports(), ports()
+    a = start("-port", str(pa), "-dport", str(da), "-seed", f"127.0.0.1:{db}",
+              "-advertise-spare", "200", *extra_a, name="a")
+    b = start("-port", str(pb), "-dport", str(db), "-seed", f"127.0.0.1:{da}",
+              "-advertise-spare", "200", "-key", key_b, *extra_b, name="b")
+    return a, b, {"a_port": pa, "a_dport": da, "b_port": pb, "b_dport": db}
+
+
+def test_two_nodes_link_through_seeds_and_list_each_other(daemon_factory: Start) -> None:
+    a, b, _ = pair(daemon_factory)
+    wait_for(lambda: up(a, "b") and up(b, "a"), timeout=10, what="the two nodes to link")
+    (peer,) = peers(a)
+    assert {"name", "address", "fingerprint", "cpu_pct", "mem_available_mb", "power",
+            "last_seen_s", "version", "willingness", "cores", "state", "owner_cpu_pct",
+            "lent_cpu_pct", "temp_c"} <= peer.keys()
+    assert peer["fingerprint"] == status(b)["node"]["fingerprint"]
+    assert peer["address"] == "127.0.0.1" and peer["version"] == PROTOCOL_VERSION
+    counters = status(a)["counters"]
+    assert {"dropped_beacons", "dropped_frames", "failed_handshakes", "refused_jobs"} <= (
+        counters.keys())
+
+
+def test_a_node_with_another_key_stays_invisible_both_ways(daemon_factory: Start) -> None:
+    a, b, _ = pair(daemon_factory, key_b="a-completely-different-key-42")
+    wait_for(lambda: status(a)["counters"].get("beacons_other_key", 0) >= 3
+             and status(b)["counters"].get("beacons_other_key", 0) >= 3,
+             timeout=10, what="several beacons of the other key to be dropped")
+    assert peers(a) == [] and peers(b) == []
+    assert status(a)["counters"]["dropped_beacons"] >= 3
+
+
+def test_the_other_node_runs_work_when_this_one_is_busy(daemon_factory: Start) -> None:
+    a, b, _ = pair(daemon_factory, "-allow-exec")
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    assert a.cli("stress", "0", "20").returncode == 0
+    try:
+        wait_for(lambda: status(a)["node"]["cpu_pct"] >= 80, timeout=10, what="a to be busy")
+        done = a.cli("--json", "exec", "--", "sh", "-c", "echo $VESTA_JOB_ID")
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["node"] == "b"
+        assert result["stdout"].strip() == result["job_id"]
+        cpu = json.loads(a.cli("--json", "cpu", "1").stdout)
+        assert [p["node"] for p in cpu["placements"]] == ["b"]
+        assert cpu["digest"] == json.loads(b.cli("--json", "cpu", "1").stdout)["digest"]
+    finally:
+        a.cli("stop-stress")
+
+
+def test_exec_is_refused_by_a_node_that_does_not_allow_it(daemon_factory: Start) -> None:
+    a, b, _ = pair(daemon_factory, extra_a=("-spill-cpu-pct", "1", "-cpu-offer-pct", "0"))
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    wait_for(lambda: not peers(a)[0]["allow_exec"], timeout=5, what="b's beacon")
+    done = b.cli("--json", "exec", "--", "true")  # b spills nowhere: a offers nothing
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["node"] == "b"
+
+
+def fake_identity() -> Identity:
+    return Identity(Ed25519PrivateKey.generate())
+
+
+def handshake(port: int, keys: FederationKeys, identity: Identity,
+              versions: tuple[int, int] = (PROTOCOL_VERSION, PROTOCOL_VERSION)) -> Any:
+    """Play the initiator against a daemon; return (socket, session)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    init = Initiator(keys, identity, versions)
+    sock.sendall(frame(init.hello()))
+    auth = init.on_reply(read_frame(sock))
+    sock.sendall(frame(auth))
+    try:
+        return sock, init.on_confirm(read_frame(sock))
+    except VersionMismatch:
+        sock.close()
+        raise
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    head = recv_exactly(sock, HEADER.size)
+    return recv_exactly(sock, HEADER.unpack(head)[0])
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("closed")
+        data += chunk
+    return data
+
+
+def closed(sock: socket.socket) -> bool:
+    sock.settimeout(10)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, TimeoutError):
+        return True
+    return True
+
+
+@pytest.fixture(scope="module")
+def keys() -> FederationKeys:
+    return FederationKeys.derive(KEY)
+
+
+def test_a_peer_on_another_protocol_version_is_refused_naming_both(
+    daemon: Daemon, keys: FederationKeys
+) -> None:
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    with pytest.raises(VersionMismatch) as caught:
+        handshake(port, keys, fake_identity(), versions=(2, 3))
+    message = str(caught.value)
+    assert "versions 2 to 3" in message and f"version {PROTOCOL_VERSION}" in message
+    (peer,) = wait_for(lambda: peers(daemon), timeout=5, what="the refused node to be listed")
+    assert peer["state"] == "incompatible"
+    assert "2" in peer["reason"] and str(PROTOCOL_VERSION) in peer["reason"]
+    assert status(daemon)["counters"]["failed_handshakes"] >= 1
+
+
+def test_a_replayed_or_reordered_frame_ends_the_link(daemon: Daemon, keys: FederationKeys) -> None:
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    sock, session = handshake(port, keys, fake_identity())
+    header, body = session.sealer.seal(b"")  # a heartbeat
+    sock.sendall(header + body + header + body)  # the same frame twice
+    assert closed(sock)
+    wait_for(lambda: status(daemon)["counters"]["dropped_frames"] >= 1, timeout=5,
+             what="the replay to be counted")
+
+    sock, session = handshake(port, keys, fake_identity())
+    first = session.sealer.seal(b"")
+    second = session.sealer.seal(b"")
+    sock.sendall(b"".join(second) + b"".join(first))
+    assert closed(sock)
+    wait_for(lambda: status(daemon)["counters"]["dropped_frames"] >= 2, timeout=5,
+             what="the reordered frame to be counted")
+
+
+def test_a_linked_peer_cannot_send_internal_messages(daemon: Daemon, keys: FederationKeys) -> None:
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    sock, session = handshake(port, keys, fake_identity())
+    from vesta.messages import CancelAll, Drain, StatusRequest
+
+    for msg in (CancelAll("x"), Drain(), StatusRequest()):
+        sock.sendall(b"".join(session.sealer.seal(encode(msg))))
+    wait_for(lambda: status(daemon)["counters"]["dropped_frames"] >= 3, timeout=5,
+             what="every internal message to be refused")
+    assert daemon.proc.poll() is None
+    sock.close()
+
+
+def test_random_frames_and_datagrams_are_counted_and_the_peers_still_served(
+    daemon_factory: Start,
+) -> None:
+    a, b, p = pair(daemon_factory)
+    wait_for(lambda: up(a, "b") and up(b, "a"), timeout=10, what="the link")
+    rng = random.Random(7)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for i in range(10_000):
+            size = rng.randrange(0, 300)
+            junk = bytes(rng.getrandbits(8) for _ in range(size))
+            if i % 3 == 0:
+                junk = b"VSTA" + junk  # the envelope's magic, then garbage
+            udp.sendto(junk, ("127.0.0.1", p["a_dport"]))
+    sent = connections = 0
+    deadline = time.monotonic() + 60
+    while sent < 10_000 and time.monotonic() < deadline:
+        connections += 1
+        with socket.create_connection(("127.0.0.1", p["a_port"]), timeout=10) as tcp:
+            try:
+                for _ in range(50):  # until the daemon hangs up on the garbage
+                    size = rng.randrange(1, 200)
+                    tcp.sendall(frame(bytes(rng.getrandbits(8) for _ in range(size)))
+                                if rng.random() < 0.5 else
+                                bytes(rng.getrandbits(8) for _ in range(size)))
+                    sent += 1
+            except OSError:
+                pass
+    assert sent >= 10_000
+    wait_for(lambda: status(a)["counters"]["dropped_beacons"] >= 9_000, timeout=30,
+             what="the random datagrams to be counted")
+    counters = status(a)["counters"]
+    assert counters["failed_handshakes"] >= connections // 2
+    assert a.proc.poll() is None
+    assert up(a, "b") and up(b, "a")  # the link survived it all
+    done = a.cli("--json", "cpu", "1")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_replayed_beacon_is_dropped(daemon_factory: Start, keys: FederationKeys) -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    a_port, a_dport = ports()
+    a = daemon_factory("-port", str(a_port), "-dport", str(a_dport), "-seed",
+                       f"127.0.0.1:{listener.getsockname()[1]}", "-advertise-spare", "200",
+                       name="a")
+    identity = fake_identity()
+    node = NodeInfo("fake", identity.fingerprint, "127.0.0.1", PROTOCOL_VERSION, 1, 0.0, 100,
+                    100, "grid", 1.0, None, 1, 10, False, False, [], {})
+    dead_port = free_port(socket.SOCK_STREAM)  # it never answers: the node stays unlinked
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        seq = 0
+
+        def beacon_and_dial() -> int:
+            nonlocal seq, datagram
+            seq += 1
+            datagram = seal_beacon(keys, identity, encode(Beacon(1, seq, dead_port, 0, "", node)))
+            udp.sendto(datagram, ("127.0.0.1", a_dport))
+            return int(status(a)["counters"]["failed_handshakes"])
+
+        datagram = b""
+        wait_for(beacon_and_dial, timeout=10, interval=0.2, what="a to dial the fake node")
+        for _ in range(5):
+            udp.sendto(datagram, ("127.0.0.1", a_dport))
+    wait_for(lambda: status(a)["counters"].get("beacons_replayed", 0) >= 5, timeout=10,
+             what="the replays to be dropped")
+    listener.close()
+
+
+def test_a_node_claiming_another_fingerprint_is_not_linked(
+    daemon_factory: Start, keys: FederationKeys
+) -> None:
+    """A beacon signed by one identity but pointing at another node's port: the handshake proves
+    who answers there, and the dial fails."""
+    a, _b, p = pair(daemon_factory)
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    liar = fake_identity()
+    node = NodeInfo("liar", liar.fingerprint, "127.0.0.1", PROTOCOL_VERSION, 1, 0.0, 100, 100,
+                    "grid", 1.0, None, 1, 10, False, False, [], {})
+    before = status(a)["counters"]["failed_handshakes"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        seq = 0
+
+        def beacon_and_dial() -> bool:  # new beacons until a dials (at once, or after a grace)
+            nonlocal seq
+            seq += 1
+            beacon = Beacon(1, seq, p["b_port"], 0, "", node)
+            udp.sendto(seal_beacon(keys, liar, encode(beacon)), ("127.0.0.1", p["a_dport"]))
+            return bool(status(a)["counters"]["failed_handshakes"] > before)
+
+        wait_for(beacon_and_dial, timeout=10, interval=0.2, what="the dial to the liar to fail")
+    assert [x["name"] for x in peers(a)] == ["b"]
+
+
+def test_run_task_from_a_stranger_peer_is_refused_by_rule(
+    daemon: Daemon, keys: FederationKeys
+) -> None:
+    """A peer asks for work the node does not lend (exec is off): a refusal with the rule."""
+    from vesta.messages import ExecJob, Scope, TaskDone, decode
+
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    sock, session = handshake(port, keys, fake_identity())
+    run = RunTask("t1", "job-1", ExecJob(["hostname"]), 0, 1)
+    sock.sendall(b"".join(session.sealer.seal(encode(run))))
+    sock.settimeout(10)
+    while True:
+        header = recv_exactly(sock, HEADER.size)
+        body = recv_exactly(sock, HEADER.unpack(header)[0])
+        payload = session.opener.open(header, body)
+        if payload:
+            msg = decode(payload, Scope.PEER)
+            if isinstance(msg, TaskDone):
+                break
+    assert msg.refused and not msg.ok and msg.task_id == "t1"
+    assert "refused 'hostname'" in msg.error and "allow_exec is false" in msg.error
+    assert daemon.name in msg.error
+    assert status(daemon)["counters"]["refused_jobs"] >= 1
