@@ -337,6 +337,14 @@ class CancelRequest(Message, scope=Scope.CONTROL):
     job_id: str = ""
 
 
+class OutputAck(Message, scope=Scope.CONTROL):
+    """The client wrote ``size`` more bytes of a job's output: that much more may come (the
+    credit window that keeps a job's output from piling up anywhere on its way)."""
+
+    job_id: str
+    size: int
+
+
 class StressRequest(Message, scope=Scope.CONTROL):
     """Pin ``cores`` of this daemon's cores (0 = all) for ``seconds``."""
 
@@ -503,6 +511,13 @@ class TaskUnits(Message, scope=Scope.PEER):
 
     task_id: str
     units: dict[int, bytes]
+
+
+class TaskCredit(Message, scope=Scope.PEER):
+    """Autopilot -> Executor (or a lender): ``size`` more bytes of the task's output may come."""
+
+    task_id: str
+    size: int
 
 
 class TaskOutput(Message, scope=Scope.PEER):

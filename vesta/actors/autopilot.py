@@ -47,6 +47,7 @@ from vesta.messages import (
     MemJob,
     Message,
     NodeInfo,
+    OutputAck,
     PeersReply,
     PeersRequest,
     PeerTable,
@@ -54,6 +55,7 @@ from vesta.messages import (
     StatusReply,
     StatusRequest,
     SubmitRequest,
+    TaskCredit,
     TaskDone,
     TaskOutput,
     TaskUnits,
@@ -237,6 +239,11 @@ class Autopilot(VestaActor):
                 self.to_client(client, PeersReply(self.peer_docs()))
             case SubmitRequest(job=job):
                 self.submit(client, job)
+            case OutputAck(job_id=job_id, size=size):
+                acked = self.jobs.get(job_id)
+                if acked is not None and acked.client == client:
+                    for task_id, part in acked.parts.items():
+                        self.to_node(part, TaskCredit(task_id, size))
             case CancelRequest(job_id=job_id):
                 for held in list(self.jobs.values()):
                     if held.job_id == job_id or (not job_id and held.client == client):
@@ -516,10 +523,14 @@ class Autopilot(VestaActor):
             self.cancel_part(task_id, part)
 
     def cancel_part(self, task_id: str, part: _Part) -> None:
+        self.to_node(part, CancelTask(task_id))
+
+    def to_node(self, part: _Part, msg: Message) -> None:
+        """Tell the executor that runs a part: this node's, or a peer's through its link."""
         if part.key == HERE:
-            self.links.executor.tell(CancelTask(task_id))
+            self.links.executor.tell(msg)
         else:
-            self.links.transport.tell(ForPeer(part.key, CancelTask(task_id)))
+            self.links.transport.tell(ForPeer(part.key, msg))
 
     def to_client(self, client: int, msg: Message) -> None:
         self.links.control.tell(ToClient(client, msg))

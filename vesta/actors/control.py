@@ -31,6 +31,7 @@ from vesta.messages import (
     DecodeError,
     ErrorReply,
     Message,
+    OutputAck,
     PeersRequest,
     Scope,
     Serve,
@@ -148,7 +149,7 @@ class Control(VestaActor):
 
     def route(self, client: int, request: Message) -> None:
         match request:
-            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
+            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest() | OutputAck():
                 self.links.autopilot.tell(ClientRequest(client, request))
             case StressRequest(cores=cores, seconds=seconds):
                 if cores < 0 or not 0 < seconds <= 86400:

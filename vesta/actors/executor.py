@@ -120,8 +120,11 @@ class Executor(VestaActor):
             case StopStress(client=client):
                 stopped = self.stop_stress()
                 self.links.control.tell(ToClient(client, StressReply(0, 0.0, stopped)))
-            case Drain():
+            case Drain():  # what runs for peers is handed back at once: they place it elsewhere
                 self.draining = True
+                for task_id, task in list(self.tasks.items()):
+                    if task.peer:
+                        self.cancel(task_id)
             case _:
                 return super().handle(message)
         return None
@@ -155,6 +158,12 @@ class Executor(VestaActor):
         assert isinstance(local, RunTask)
         self.run_task(local, peer=lend.fingerprint, peer_task=run.task_id)
 
+    def lent_cpus(self) -> list[int]:
+        """The CPUs a command run for a peer may use: as many as this node offers (SPEC), the
+        last ones of its mask, so the owner's own work keeps the first."""
+        offered = self.node.offer_workers if self.node is not None else 1
+        return self.cores[-max(1, min(offered, len(self.cores))):]
+
     def report(self, task: _Task, msg: Message) -> None:
         """What a task produced goes to the Autopilot, or to the peer it runs for."""
         if task.peer:
@@ -184,7 +193,8 @@ class Executor(VestaActor):
             pieces = [{"mb": job.mb, "ms": job.ms}]
         elif isinstance(job, ExecJob):
             pieces = [{"argv": job.argv, "timeout": job.timeout, "job_id": run.job_id,
-                       "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR}]
+                       "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR,
+                       "cpus": self.lent_cpus() if peer else None}]
         else:
             raise TypeError(f"no executor for {job.tag}")
         task = _Task(run, set(), time.monotonic(), peer=peer, peer_task=peer_task,

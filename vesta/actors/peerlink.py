@@ -31,6 +31,7 @@ from vesta.messages import (
     PeerLeaving,
     PeerSeen,
     RunTask,
+    TaskCredit,
     TaskDone,
     TaskOutput,
     TaskUnits,
@@ -81,7 +82,8 @@ class PeerLink(VestaActor):
                 self.sent[task_id] = msg
             case TaskDone(task_id=task_id):
                 self.lent.discard(task_id)
-            case CancelTask(task_id=task_id) if task_id not in self.sent:
+            case CancelTask(task_id=task_id) | TaskCredit(task_id=task_id) if (
+                    task_id not in self.sent):
                 return
         self.loop.send(self.conn_id, encode(msg))
 
@@ -96,6 +98,10 @@ class PeerLink(VestaActor):
             case CancelTask(task_id=task_id):
                 if task_id in self.lent:
                     self.links.executor.tell(CancelTask(lent_task_id(self.fingerprint, task_id)))
+            case TaskCredit(task_id=task_id, size=size):
+                if task_id in self.lent:
+                    self.links.executor.tell(
+                        TaskCredit(lent_task_id(self.fingerprint, task_id), size))
             case TaskUnits(task_id=task_id) | TaskOutput(task_id=task_id):
                 if task_id in self.sent:
                     self.links.autopilot.tell(msg)
