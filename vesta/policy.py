@@ -254,6 +254,39 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
     return here, decisions
 
 
+#: A cpu job of at least this many units splits across two or more viable nodes (SPEC: cpu 4).
+SPLIT_MIN_UNITS = 40
+
+
+def split_nodes(want: Want, here: Candidate, peers: Sequence[Candidate],
+                spill_cpu_pct: float) -> list[Candidate]:
+    """The nodes a cpu job may split across now: this node while it is below the spill line and
+    has a free worker, and every peer that can take the job."""
+    nodes = [here] if (not unable(here, want) and here.cpu_pct < spill_cpu_pct
+                       and here.free > 0) else []
+    return nodes + [p for p in peers if not unable(p, want)]
+
+
+def split_plan(start: int, end: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Cut units [start, end) into one contiguous range per weight, sized in proportion to it
+    (each at least one unit while there are units enough); together they cover every unit once."""
+    count = end - start
+    if count <= 0 or not weights:
+        return []
+    total = sum(max(w, 0.0) for w in weights) or float(len(weights))
+    shares = [max(w, 0.0) / total if total else 1 / len(weights) for w in weights]
+    sizes = [max(1, math.floor(count * share)) for share in shares][:count]
+    while sum(sizes) > count:  # more parts than units, or rounding up too far
+        sizes[sizes.index(max(sizes))] -= 1
+    sizes = [n for n in sizes if n > 0]
+    sizes[sizes.index(max(sizes))] += count - sum(sizes)
+    ranges, at = [], start
+    for size in sizes:
+        ranges.append((at, at + size))
+        at += size
+    return ranges
+
+
 def admit(want: Want, offer_workers: int, lent_busy: int, offer_mem_mb: int, lent_mem_mb: int,
           allow_exec: bool, allowlist: Sequence[str], gpu: bool = False) -> str:
     """Whether this node takes a task a peer asks it to run: "" if so, else the rule that says

@@ -61,7 +61,16 @@ from vesta.messages import (
     TaskUnits,
     ToClient,
 )
-from vesta.policy import Candidate, Decision, place, want_of
+from vesta.policy import (
+    SPLIT_MIN_UNITS,
+    Candidate,
+    Decision,
+    place,
+    spare,
+    split_nodes,
+    split_plan,
+    want_of,
+)
 from vesta.sampler import describe
 from vesta.workers.jobs import UNITS_PER_MILLION, job_digest
 
@@ -329,29 +338,46 @@ class Autopilot(VestaActor):
     def dispatch(self) -> None:
         """Start queued jobs, first come first served, while some node has room."""
         while self.queue and not self.draining:
-            job = self.jobs[self.queue[0]]
-            if not self.place(job):
+            job_id = self.queue[0]
+            if not self.place(self.jobs[job_id]):
                 return
-            self.queue.popleft()
+            if self.queue and self.queue[0] == job_id:  # it may have finished, failing
+                self.queue.popleft()
 
     def place(self, job: _Job) -> bool:
-        """Place the job's missing units on one node; False if it must wait for room."""
-        if job.book.missing_units() == 0:
-            return True
-        node, decisions = self.plan(job.job, job.excluded)
-        self.remember(job, decisions)
-        if node is None:
-            self.finish(job, error=_nowhere(job.job, decisions),
-                        exit_code=exits.not_finished(job.job.kind))
-            return True
-        if node.free <= 0:
-            return False
-        self.start_part(job, node)
+        """Place the job's missing units; False if some must wait for room."""
+        while job.book.missing_units():
+            node, decisions = self.plan(job.job, job.excluded)
+            self.remember(job, decisions)
+            if node is None:
+                self.fail_now(job, (exits.not_finished(job.job.kind),
+                                    _nowhere(job.job, decisions)))
+                return True
+            if node.free <= 0:
+                return False
+            if not self.split(job):
+                span = job.book.next_range(job.book.total)
+                assert span is not None
+                self.start_part(job, node, span)
         return True
 
-    def start_part(self, job: _Job, node: Candidate) -> None:
+    def split(self, job: _Job) -> bool:
+        """A large cpu job with two or more viable nodes runs on all of them at once, each
+        given a share of its first missing range in proportion to its spare capacity."""
         span = job.book.next_range(job.book.total)
-        assert span is not None
+        if not _is_cpu(job) or span is None or span[1] - span[0] < SPLIT_MIN_UNITS:
+            return False
+        want = want_of(job.job)
+        nodes = split_nodes(want, self.here(), self.candidates(job.excluded),
+                            self.config.spill_cpu_pct)
+        if len(nodes) < 2:
+            return False
+        ranges = split_plan(*span, [max(spare(n), 0.05) for n in nodes])
+        for node, part in zip(nodes, ranges, strict=False):
+            self.start_part(job, node, part)
+        return True
+
+    def start_part(self, job: _Job, node: Candidate, span: tuple[int, int]) -> None:
         start, end = span
         workers = min(node.free, end - start) if _is_cpu(job) else 1
         task_id = f"{job.job_id}.{next(self._task_ids)}"
@@ -435,9 +461,9 @@ class Autopilot(VestaActor):
             return
         job.retried += unfinished
 
-    def fail_now(self, job: _Job) -> None:
+    def fail_now(self, job: _Job, failure: tuple[int, str] | None = None) -> None:
         """End a job whose failure is final, stopping its other parts."""
-        code, error = job.failure or (exits.FAILED, "failed")
+        code, error = failure or job.failure or (exits.FAILED, "failed")
         job.cancelled, job.cancel_code = error, code
         for task_id, part in job.parts.items():
             self.cancel_part(task_id, part)
