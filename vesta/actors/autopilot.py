@@ -348,13 +348,13 @@ class Autopilot(VestaActor):
         """Place the job's missing units; False if some must wait for room."""
         while job.book.missing_units():
             node, decisions = self.plan(job.job, job.excluded)
+            if node is not None and node.free <= 0:
+                return False  # it waits; the placement is recorded once it is made
             self.remember(job, decisions)
             if node is None:
                 self.fail_now(job, (exits.not_finished(job.job.kind),
                                     _nowhere(job.job, decisions)))
                 return True
-            if node.free <= 0:
-                return False
             if not self.split(job):
                 span = job.book.next_range(job.book.total)
                 assert span is not None
