@@ -1,15 +1,19 @@
 """The Python client of a vestad control socket: what ``vesta`` and ``vestatop`` are built on.
 
 Which daemon: an explicit socket path (``--socket`` or ``VESTA_SOCKET``), else a node name
-(``--node`` or ``VESTA_NODE``) giving ``/tmp/vestad-NAME.sock``, else the only control socket found.
+(``--node`` or ``VESTA_NODE``) giving ``/tmp/vestad-NAME.sock``, else the only control socket found
+where a daemon of ours answers. Anyone may create a socket in /tmp, so before sending anything the
+client checks (``SO_PEERCRED``) that the process behind it runs as the same user.
 Imports only the standard library, msgpack and vesta's message types, so the CLI starts fast.
 """
 
 from __future__ import annotations
 
 import _socket  # the C module: `socket` adds enum conversions and selectors, costly at start-up
+import errno
 import glob
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -33,6 +37,7 @@ from vesta.names import sanitize_name
 from vesta.transport.framing import CONTROL_MAX_FRAME, FrameError, frame, recv_frame
 
 SOCKET_GLOB = "/tmp/vestad-*.sock"
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class VestaError(Exception):
@@ -47,6 +52,10 @@ class UsageError(VestaError):
 
 class DaemonUnreachable(VestaError):
     exit_code = 3
+
+
+class ForeignDaemon(DaemonUnreachable):
+    """The process behind the socket runs as another user: nothing is sent to it."""
 
 
 class RequestFailed(VestaError):
@@ -65,24 +74,67 @@ def socket_path_for(node: str) -> str:
 def find_socket(
     node: str | None = None, path: str | None = None, env: Mapping[str, str] | None = None
 ) -> str:
-    """The control socket to talk to, by SPEC's order of precedence."""
+    """The control socket to talk to, by SPEC's order of precedence.
+
+    Found by looking, a socket counts only if a daemon of this user answers on it: one left
+    behind by a daemon that died, or one of another user's, is listed in the error but never
+    picked.
+    """
     env = os.environ if env is None else env
     if path or env.get("VESTA_SOCKET"):
         return path or env["VESTA_SOCKET"]
     node = node or env.get("VESTA_NODE")
     if node:
         return socket_path_for(sanitize_name(node))
-    found = sorted(glob.glob(SOCKET_GLOB))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise DaemonUnreachable(
-            "no vestad is running here: no control socket matches /tmp/vestad-*.sock. "
-            "Start one with: vestad -name NAME -key-file FILE"
-        )
-    names = ", ".join(p[len("/tmp/vestad-"):-len(".sock")] for p in found)
+    found = {p: probe(p) for p in sorted(glob.glob(SOCKET_GLOB))}
+    ours = [p for p, trouble in found.items() if not trouble]
+    others = [_labelled(p, trouble) for p, trouble in found.items() if trouble]
+    if len(ours) == 1:
+        return ours[0]
+    if not ours:
+        where = (f"found only {', '.join(others)}" if others
+                 else f"no control socket matches {SOCKET_GLOB}")
+        raise DaemonUnreachable(f"no vestad is running here: {where}. "
+                                "Start one with: vestad -name NAME -key-file FILE")
+    names = ", ".join(_node_of(p) for p in ours)
+    also = f". Also found: {', '.join(others)}" if others else ""
     raise UsageError(f"several daemons run here ({names}); pick one with --node NAME or "
-                     "VESTA_NODE (or --socket PATH / VESTA_SOCKET for a daemon with -socket)")
+                     "VESTA_NODE (or --socket PATH / VESTA_SOCKET for a daemon with -socket)"
+                     + also)
+
+
+def probe(path: str) -> str:
+    """What keeps ``path`` from being a daemon of ours to talk to, or "" when one answers there."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(path)
+        uid = peer_uid(sock)
+    except OSError as exc:
+        return _why_not(exc)
+    finally:
+        sock.close()
+    return "" if uid == os.geteuid() else f"another user's: uid {uid}"
+
+
+def peer_uid(sock: _socket.socket) -> int:
+    """The user id of the process on the other end of a connected Unix socket."""
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
+    _pid, uid, _gid = _PEERCRED.unpack(creds)
+    return int(uid)
+
+
+def _why_not(exc: OSError) -> str:
+    if exc.errno == errno.ECONNREFUSED:
+        return "stale: nothing answers"
+    if exc.errno == errno.ENOENT:
+        return "gone"
+    return (exc.strerror or str(exc)).lower()
+
+
+def _node_of(path: str) -> str:
+    name = os.path.basename(path)
+    return name[len("vestad-"):-len(".sock")] if name.startswith("vestad-") else path
 
 
 class Client:
@@ -94,12 +146,24 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(path)
+            uid = peer_uid(self.sock)
         except FileNotFoundError:
             self.sock.close()
             raise DaemonUnreachable(_unreachable(path, "there is no socket there")) from None
+        except ConnectionRefusedError:
+            self.sock.close()
+            raise DaemonUnreachable(_unreachable(
+                path, "nothing answers there (a socket left by a daemon that died?)")) from None
         except OSError as exc:
             self.sock.close()
             raise DaemonUnreachable(_unreachable(path, exc.strerror or str(exc))) from None
+        if uid != os.geteuid():
+            self.sock.close()
+            raise ForeignDaemon(
+                f"refusing {path}: the process behind it runs as uid {uid}, not as you (uid "
+                f"{os.geteuid()}), so it is not your vestad (anyone may create a socket in "
+                "/tmp). Talk to your own with --node NAME or --socket PATH"
+            )
 
     def __enter__(self) -> Client:
         return self
@@ -163,6 +227,11 @@ class Client:
 
 
 def _unreachable(path: str, why: str) -> str:
-    others = sorted(glob.glob(SOCKET_GLOB))
-    hint = f" Sockets found: {', '.join(others)}." if others else " No control socket was found."
+    others = [_labelled(p, probe(p)) for p in sorted(glob.glob(SOCKET_GLOB)) if p != path]
+    hint = (f" Other sockets here: {', '.join(others)}." if others
+            else " No other control socket was found.")
     return f"cannot reach vestad at {path}: {why}. Is vestad running?{hint}"
+
+
+def _labelled(path: str, trouble: str) -> str:
+    return f"{path} ({trouble})" if trouble else path

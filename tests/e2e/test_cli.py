@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +27,19 @@ PEER_KEYS = {"name", "address", "fingerprint", "cpu_pct", "mem_available_mb", "p
 def as_json(result: subprocess.CompletedProcess[str]) -> dict:
     assert result.stdout.count("\n") == 1, f"not one JSON document: {result.stdout!r}"
     return json.loads(result.stdout)
+
+
+def looking_in(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``vesta ARGS`` looking for control sockets in ``directory`` instead of /tmp, where other
+    daemons of this machine may run."""
+    program = ("import sys\n"
+               "from vesta import client\n"
+               "client.SOCKET_GLOB = sys.argv[1] + '/vestad-*.sock'\n"
+               "from vesta.apps.cli import main\n"
+               "sys.exit(main(sys.argv[2:]))\n")
+    return subprocess.run([sys.executable, "-c", program, str(directory), *args],
+                          capture_output=True, text=True, env=python_env(), timeout=30,
+                          stdin=subprocess.DEVNULL)
 
 
 def test_status_json_has_the_contract_keys(daemon: Daemon) -> None:
@@ -303,3 +319,63 @@ def test_truncated_output_is_said(daemon_factory: Callable[..., Daemon]) -> None
     assert result.returncode == 0
     assert len(result.stdout) == 1 << 20
     assert "stdout was cut at the node's output limit (exec_output_max_mb)" in result.stderr
+
+
+def test_a_stale_socket_is_never_picked(daemon_factory: Callable[..., Daemon]) -> None:
+    live, dead = daemon_factory(), daemon_factory()
+    dead.proc.kill()  # as kill -9 does: its socket stays behind with nothing listening
+    dead.proc.wait(10)
+    look = Path(tempfile.mkdtemp(prefix="vc-", dir="/tmp"))  # short: a socket path is limited
+    try:
+        (look / f"vestad-{live.name}.sock").symlink_to(live.socket)
+        (look / f"vestad-{dead.name}.sock").symlink_to(dead.socket)
+        picked = looking_in(look, "--json", "status")
+        assert picked.returncode == 0, picked.stderr
+        assert as_json(picked)["node"]["name"] == live.name
+        live.proc.kill()
+        live.proc.wait(10)
+        alone = looking_in(look, "status")
+        assert alone.returncode == 3
+        for d in (live, dead):
+            assert f"{look}/vestad-{d.name}.sock (stale: nothing answers)" in alone.stderr
+    finally:
+        shutil.rmtree(look, ignore_errors=True)
+
+
+_PLANTED = """\
+import os, socket, sys
+path = sys.argv[1]
+os.setgid(65534)
+os.setuid(65534)  # nobody: another user than the CLI's
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path + ".new")
+os.chmod(path + ".new", 0o666)
+server.listen(1)
+os.rename(path + ".new", path)  # it appears already listening
+server.settimeout(20)
+conn, _ = server.accept()
+conn.settimeout(20)
+got = b""
+while chunk := conn.recv(4096):
+    got += chunk
+print("got", len(got))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can listen as another user")
+def test_a_socket_planted_by_another_user_is_refused() -> None:
+    path = f"/tmp/vestad-test-{secrets.token_hex(3)}.sock"
+    planted = subprocess.Popen([sys.executable, "-c", _PLANTED, path], stdout=subprocess.PIPE,
+                               text=True, env=python_env())
+    try:
+        wait_for(lambda: os.path.exists(path), what="the planted socket")
+        result = run_cli("--socket", path, "status")
+        assert result.returncode == 3
+        assert f"refusing {path}: the process behind it runs as uid 65534" in result.stderr
+        out, _ = planted.communicate(timeout=20)
+        assert out.split() == ["got", "0"]  # not one byte was sent to it
+    finally:
+        if planted.poll() is None:
+            planted.kill()
+            planted.wait(10)
+        Path(path).unlink(missing_ok=True)
