@@ -193,6 +193,19 @@ class Client:
         except (FrameError, DecodeError) as exc:
             raise VestaError(f"the daemon sent something unreadable: {exc}") from None
 
+    def readable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for something to read (an event, or the end)."""
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.recv(1, _socket.MSG_PEEK)
+        except TimeoutError:
+            return False
+        except OSError:
+            return True  # the next receive reports it
+        finally:
+            self.sock.settimeout(None)
+        return True
+
     def request(self, msg: Message) -> Message:
         self.send(msg)
         reply = self.receive()
@@ -210,11 +223,18 @@ class Client:
         assert isinstance(reply, PeersReply)
         return reply.peers
 
-    def submit(self, job: AnyJob) -> Iterator[Message]:
-        """Submit a job and yield its events; the last one is its :class:`JobDone`."""
+    def submit(self, job: AnyJob, tick: float | None = None) -> Iterator[Message | None]:
+        """Submit a job and yield its events; the last one is its :class:`JobDone`.
+
+        With ``tick``, None is yielded whenever ``tick`` seconds pass without an event, so that
+        the caller can redraw a clock.
+        """
         self.send(SubmitRequest(job))
         self.sock.settimeout(None)  # a job may run for hours; the daemon's liveness is the socket
         while True:
+            if tick is not None and not self.readable(tick):
+                yield None
+                continue
             event = self.receive()
             if isinstance(event, ErrorReply):
                 raise RequestFailed(event)

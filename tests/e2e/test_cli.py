@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 
 import pytest
 
@@ -27,6 +31,55 @@ PEER_KEYS = {"name", "address", "fingerprint", "cpu_pct", "mem_available_mb", "p
 def as_json(result: subprocess.CompletedProcess[str]) -> dict:
     assert result.stdout.count("\n") == 1, f"not one JSON document: {result.stdout!r}"
     return json.loads(result.stdout)
+
+
+class Terminal:
+    """``vesta ARGS`` with its stderr on a pseudo-terminal, as a person at a terminal sees it
+    (the terminal turns each newline into CR LF); stdout is a pipe."""
+
+    def __init__(self, *args: str, **popen: object) -> None:
+        master, slave = pty.openpty()
+        self.master = master
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vesta.apps.cli", *args], stdout=subprocess.PIPE,
+            stderr=slave, stdin=subprocess.DEVNULL, env=python_env(), text=True,
+            **popen,  # type: ignore[call-overload]
+        )
+        os.close(slave)
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: the CLI closed its end
+                return
+            if not data:
+                return
+            self.chunks.append(data)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def finish(self, timeout: float = 20) -> tuple[int, str, str]:
+        """Wait for the CLI to end: its status, its stdout and what the terminal showed."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.reader.join(timeout=10)
+        return self.proc.returncode, out, self.text
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.reader.join(timeout=10)
+        os.close(self.master)
 
 
 def looking_in(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -212,6 +265,10 @@ def test_jobs_queue_first_come_first_served(daemon: Daemon) -> None:
     assert "queued" in queued.stderr
     for p in blockers:
         assert p.wait(30) == 0
+    # the time it waited is said apart from the time it ran
+    took = re.search(r"ran on \S+ in ([\d.]+) s \(queued ([\d.]+) s\)", queued.stderr)
+    assert took, queued.stderr
+    assert float(took[1]) < 1.0 and float(took[2]) > 0
 
 
 def test_ctrl_c_cancels_the_job_everywhere(daemon: Daemon) -> None:
@@ -319,6 +376,78 @@ def test_truncated_output_is_said(daemon_factory: Callable[..., Daemon]) -> None
     assert result.returncode == 0
     assert len(result.stdout) == 1 << 20
     assert "stdout was cut at the node's output limit (exec_output_max_mb)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "status"),
+    [(["cpu", "2000"], 1), (["mem", "16", "60000"], 1), (["exec", "--", "sleep", "60"], 125)],
+)
+def test_a_daemon_that_dies_mid_job_fails_the_job(daemon: Daemon, args: list[str],
+                                                  status: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vesta.apps.cli", "--socket", daemon.socket, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=python_env())
+    wait_for(lambda: [j for j in as_json(daemon.cli("--json", "status"))["jobs"]
+                      if j["state"] == "running"], what="the job to run")
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == status, err  # the job failed: not "no daemon to talk to" (3)
+    assert "went away mid-job" in err and daemon.socket in err
+    assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_cancel_the_job_as_ctrl_c_does(daemon: Daemon,
+                                                          sig: signal.Signals) -> None:
+    with Terminal("--socket", daemon.socket, "cpu", "2000") as term:
+        wait_for(lambda: "units" in term.text, what="the progress line")
+        term.proc.send_signal(sig)
+        code, out, err = term.finish()
+    assert code == 128 + sig
+    assert f"{sig.name}: cancelling" in err and "cancelled job" in err
+    assert "\r\x1b[K" in err[err.rindex("units"):]  # the progress line was finished
+    assert out == ""
+    # the CLI waited to hear the job end: it is gone already
+    assert as_json(daemon.cli("--json", "status"))["jobs"] == []
+
+
+def test_an_ignored_sighup_stays_ignored(daemon: Daemon) -> None:
+    with Terminal("--socket", daemon.socket, "mem", "16", "1500",
+                  preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) as term:
+        wait_for(lambda: "MiB on" in term.text, what="the hold to start")
+        term.proc.send_signal(signal.SIGHUP)  # as under nohup: the job goes on
+        code, out, _ = term.finish()
+    assert code == 0 and "done in" in out
+
+
+def test_exec_on_a_terminal_says_where_it_runs_as_it_starts(daemon: Daemon) -> None:
+    with Terminal("--socket", daemon.socket, "exec", "--", "sleep", "60") as term:
+        wait_for(lambda: f"vesta: running on {daemon.name}\r\n" in term.text,
+                 what="the CLI to say where the command runs")
+        assert term.proc.poll() is None  # said while it runs, not when it ends
+        term.proc.send_signal(signal.SIGINT)
+        code, _, _ = term.finish()
+    assert code == 130
+
+
+def test_mem_on_a_terminal_shows_the_hold(daemon: Daemon) -> None:
+    with Terminal("--socket", daemon.socket, "mem", "16", "1500") as term:
+        wait_for(lambda: "of 1.5 s" in term.text, what="the progress line of the hold")
+        code, out, err = term.finish()
+    assert code == 0, err
+    assert f"16 MiB on {daemon.name}" in err
+    assert err.endswith("\r\x1b[K")  # the line was cleared for the summary
+    assert out.startswith("mem 16 MiB for 1500 ms done in ")
+
+
+def test_without_a_terminal_only_exec_names_its_node_on_stderr(daemon: Daemon) -> None:
+    ran = daemon.cli("exec", "--", "true")
+    assert ran.returncode == 0
+    assert re.fullmatch(rf"vesta: ran on {daemon.name} in [\d.]+ s, exit status 0\n", ran.stderr)
+    held = daemon.cli("mem", "16", "300")
+    assert held.returncode == 0 and held.stderr == ""
+    assert "done in" in held.stdout
 
 
 def test_a_stale_socket_is_never_picked(daemon_factory: Callable[..., Daemon]) -> None:

@@ -31,17 +31,20 @@ Options:
   -h --help         show this help
   --version         show the version
 
-Exit status: 0 done, 1 the job failed, 2 usage or input error, 3 no daemon to talk to;
-exec exits with the command's own status (124 timed out, 125 could not run it,
-126 not executable, 127 not found, 128+N killed by signal N).
+Exit status: 0 done, 1 the job failed (also when its daemon goes away mid-job), 2 usage or
+input error, 3 no daemon to talk to; exec exits with the command's own status (124 timed out,
+125 could not run it, 126 not executable, 127 not found, 128+N killed by signal N).
+Ctrl-C cancels the job everywhere it runs (130); so do SIGTERM and SIGHUP (143, 129).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from docopt import DocoptExit, docopt
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, DaemonUnreachable) and args["exec"]:
             return exits.NOT_RUN  # SPEC: exec exits 125 when vesta could not run the command
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("vesta: interrupted", file=sys.stderr)
-        return exits.CANCELLED
+    except KeyboardInterrupt as exc:
+        _tell("interrupted")
+        return _interrupted_status(exc)
     except BrokenPipeError:
         # the reader went away (`vesta ... | head`): stop quietly, as a shell tool does; the
         # daemon sees the connection close and cancels what is still running
@@ -109,6 +112,46 @@ def _usage_problem(words: list[str]) -> str:
     if given and given[0] not in commands and not any(w in given for w in commands):
         return f"unknown command {given[0]!r}"
     return "those arguments do not fit any command"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while a job runs: handled as Ctrl-C is, but exits 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 128+N for signal N, as shells report a process ended by a signal."""
+    return exits.killed_by(exc.signum) if isinstance(exc, Interrupted) else exits.CANCELLED
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While a job runs, SIGTERM and SIGHUP raise :class:`Interrupted` as Ctrl-C raises
+    KeyboardInterrupt, so the job is cancelled everywhere and the progress line finished. A
+    signal ignored on purpose (``nohup``) stays ignored."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                previous[sig] = signal.signal(sig, interrupt)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _tell(text: str) -> None:
+    """A line for people on stderr; a terminal that hung up (SIGHUP) is no error."""
+    with contextlib.suppress(OSError):
+        print(f"vesta: {text}", file=sys.stderr, flush=True)
 
 
 def _int(text: str, what: str, low: int = 0) -> int:
@@ -201,18 +244,29 @@ class Command:
 
     def submit(self, job: AnyJob) -> int:
         view = JobView(job, self.json, sys.stderr)
-        with self.connect() as client:
+        with self.connect() as client, _signals_interrupt():
             try:
-                for event in client.submit(job):
+                for event in client.submit(job, view.tick):
                     view.show(event)
-            except KeyboardInterrupt:
-                return self.cancel(client, view)
-        return view.finish(self.out)
+            except KeyboardInterrupt as exc:
+                return self.cancel(client, view, exc)
+            except DaemonUnreachable:
+                if not view.job_id:  # it never took the job: as good as not reached
+                    view.clear()
+                    raise
+                view.lost(client.path)
+            except VestaError:
+                view.clear()
+                raise
+            return view.finish(self.out)
 
-    def cancel(self, client: Client, view: JobView) -> int:
-        """Ctrl-C: cancel the job everywhere it runs, and wait briefly to hear that it is gone."""
-        view.clear()
-        print("vesta: cancelling…", file=sys.stderr)
+    def cancel(self, client: Client, view: JobView, exc: KeyboardInterrupt) -> int:
+        """Ctrl-C, SIGTERM or SIGHUP: cancel the job everywhere it runs, and wait briefly to hear
+        that it is gone."""
+        with contextlib.suppress(OSError):
+            view.clear()
+        why = signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "interrupted"
+        _tell(f"{why}: cancelling…")
         try:
             client.cancel(view.job_id)
             deadline = time.monotonic() + 5
@@ -222,8 +276,8 @@ class Command:
                     break
         except (VestaError, KeyboardInterrupt):
             pass
-        print(f"vesta: cancelled job {view.job_id or '(not started)'}", file=sys.stderr)
-        return exits.CANCELLED
+        _tell(f"cancelled job {view.job_id or '(not started)'}")
+        return _interrupted_status(exc)
 
     # -- stress ------------------------------------------------------------------------------------
 
@@ -254,37 +308,62 @@ class Command:
 
 
 class JobView:
-    """Shows a job's events: a progress line on a terminal, the output of exec, the result."""
+    """Shows a job's events: a progress line on a terminal, where exec runs, its output, the
+    result. Without a terminal stderr stays quiet but for the line naming the node of an exec."""
+
+    TICK = 0.25  # seconds between redraws of a progress line while no event comes
 
     def __init__(self, job: AnyJob, as_json: bool, err: TextIO) -> None:
         self.job = job
         self.as_json = as_json
         self.err = err
         self.live = err.isatty() and not as_json
+        #: how often the client should hand over a tick: only a progress line needs the clock
+        self.tick = self.TICK if self.live and not isinstance(job, ExecJob) else None
         self.job_id = ""
         self.nodes: list[str] = []
         self.stdout: list[bytes] = []
         self.stderr: list[bytes] = []
         self.done: JobDone | None = None
-        self.started = time.monotonic()
+        self.started: float | None = None  # when its first part started running
+        self.units: tuple[int, int, dict[str, int]] | None = None  # done, total, by node
         self._line = False
 
     def show(self, event: Any) -> None:
         match event:
+            case None:  # a tick: time passed without news
+                self.redraw()
             case JobAccepted(job_id=job_id, queued=queued, position=position):
                 self.job_id = job_id
                 if queued and not self.as_json:
                     self.note(f"queued (position {position}): waiting for a free worker…")
             case JobStarted(node=node):
-                if node not in self.nodes:
-                    self.nodes.append(node)
+                self.part_started(node)
             case JobProgress(done=done, total=total, nodes=nodes):
-                if self.live:
-                    self.progress(done, total, nodes)
+                self.units = (done, total, nodes)
+                self.redraw()
             case JobOutput(stream=stream, data=data):
                 self.output(stream, data)
             case JobDone():
                 self.done = event
+
+    def part_started(self, node: str) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        if node in self.nodes:
+            return
+        self.nodes.append(node)
+        if isinstance(self.job, ExecJob) and self.live:
+            self.note(f"running on {node}")
+        self.redraw()
+
+    def lost(self, path: str) -> None:
+        """The daemon went away mid-job: the job failed, and it says so."""
+        went = f"the daemon at {path} went away mid-job (job {self.job_id})"
+        if isinstance(self.job, ExecJob):
+            went += f", so {' '.join(self.job.argv)!r} did not run to its end"
+        self.done = JobDone(self.job_id, False, {}, f"{went}; is vestad still running?",
+                            exits.not_finished(self.job.kind))
 
     def output(self, stream: str, data: bytes) -> None:
         if self.as_json:
@@ -300,14 +379,25 @@ class JobView:
         self.err.write(f"vesta: {text}\n")
         self.err.flush()
 
-    def progress(self, done: int, total: int, nodes: dict[str, int]) -> None:
-        width = 24
-        filled = width * done // max(total, 1)
-        where = ", ".join(f"{n} {u}" for n, u in sorted(nodes.items()))
-        pct = 100 * done // max(total, 1)
+    def redraw(self) -> None:
+        if not self.live or self.started is None:
+            return
         elapsed = time.monotonic() - self.started
-        self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:3d}%  {done}/{total} "
-                       f"units  {elapsed:5.1f} s  {where}\x1b[K")
+        if isinstance(self.job, MemJob):
+            hold = self.job.ms / 1000
+            share = min(elapsed / hold, 1.0) if hold else 1.0
+            self.draw(share, f"{elapsed:5.1f} of {hold:g} s  {self.job.mb} MiB on "
+                             f"{', '.join(self.nodes)}")
+        elif self.units is not None:
+            done, total, nodes = self.units
+            where = ", ".join(f"{n} {u}" for n, u in sorted(nodes.items()))
+            self.draw(done / max(total, 1), f"{done}/{total} units  {elapsed:5.1f} s  {where}")
+
+    def draw(self, share: float, text: str) -> None:
+        width = 24
+        filled = int(width * share)
+        self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {int(100 * share):3d}%  "
+                       f"{text}\x1b[K")
         self.err.flush()
         self._line = True
 
@@ -349,19 +439,26 @@ class JobView:
         r = done.result
         where = ", ".join(f"{p['node']} ({p['units']} unit{'s' * (p['units'] != 1)})"
                           for p in r.get("placements", []))
+        # "seconds" is the run time; the time spent waiting for a worker is apart
+        took = f"{r['seconds']:.2f} s" + _queued(r.get("queued_seconds", 0.0))
         if isinstance(self.job, ExecJob):
             for stream in r.get("truncated", []):
                 self.err.write(f"vesta: {stream} was cut at the node's output limit "
                                "(exec_output_max_mb); the rest was dropped\n")
-            self.err.write(f"vesta: ran on {r.get('node', '?')} in {r['seconds']:.2f} s, "
+            self.err.write(f"vesta: ran on {r.get('node', '?')} in {took}, "
                            f"exit status {done.exit_code}\n")
             return
-        out.write(f"{_describe(self.job)} done in {r['seconds']:.2f} s on {where}\n")
+        out.write(f"{_describe(self.job)} done in {took} on {where}\n")
         if r.get("retried"):
             out.write(f"retried  {r['retried']} units after a failure\n")
         if "digest" in r:
             out.write(f"digest   {r['digest']}\n")
         out.flush()
+
+
+def _queued(seconds: float) -> str:
+    """The "(queued N s)" of a job that waited for a worker; nothing for one that did not."""
+    return f" (queued {seconds:.1f} s)" if seconds >= 0.05 else ""
 
 
 def _describe(job: AnyJob) -> str:
