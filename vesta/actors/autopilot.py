@@ -82,6 +82,8 @@ PROGRESS_INTERVAL = 0.2
 MAX_ATTEMPTS = 3
 #: Placements remembered for ``vesta why``.
 PLACEMENTS_KEPT = 50
+#: Recent joins, leaves, refusals and failovers shown by ``status``.
+EVENTS_KEPT = 100
 MAX_CPU_N = 10_000
 MAX_ARGV = 64 * 1024
 MAX_MS = 7 * 86400 * 1000
@@ -145,6 +147,7 @@ class Autopilot(VestaActor):
         self.queue: deque[str] = deque()
         self.tasks: dict[str, str] = {}  # task id -> job id
         self.placements: deque[dict[str, Any]] = deque(maxlen=PLACEMENTS_KEPT)
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.draining = False
         self._task_ids = itertools.count(1)
 
@@ -158,6 +161,7 @@ class Autopilot(VestaActor):
                 self.node = message
                 self.dispatch()
             case PeerTable(peers=peers):
+                self.peer_events({p["fingerprint"]: p for p in peers})
                 self.peers = {p["fingerprint"]: p for p in peers}
                 self.dispatch()
             case ClientRequest(client=client, request=request):
@@ -207,7 +211,7 @@ class Autopilot(VestaActor):
             "ledger": {},
             "jobs": [self.job_doc(job) for job in self.jobs.values()],
             "flows": self.flows(),
-            "events": [],
+            "events": list(self.events),
             "counters": self.counters.snapshot(),
         }
 
@@ -237,6 +241,23 @@ class Autopilot(VestaActor):
                                   "to": part.name, "units_done": lease.done,
                                   "units": lease.size, "rate": 0.0})
         return flows
+
+    def event(self, kind: str, node: str, detail: str) -> None:
+        self.events.append({"at": round(time.time(), 3), "kind": kind, "node": node,
+                            "detail": detail})
+
+    def peer_events(self, table: dict[str, dict[str, Any]]) -> None:
+        """Joins and leaves, from the difference between the old peer table and the new."""
+        for fp, peer in table.items():
+            old = self.peers.get(fp, {})
+            if peer.get("state") != old.get("state") and peer.get("state") in (
+                    "up", "leaving", "incompatible"):
+                kind = {"up": "join", "leaving": "leave", "incompatible": "incompatible"}
+                self.event(kind[peer["state"]], peer.get("name", fp[:8]),
+                           peer.get("reason", "") or f"at {peer.get('address', '?')}")
+        for fp, old in self.peers.items():
+            if fp not in table and old.get("state") == "up":
+                self.event("leave", old.get("name", fp[:8]), "its link went down")
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -453,7 +474,9 @@ class Autopilot(VestaActor):
         logger.info("job %s: %s", job.job_id, done.error)
         if done.refused:
             self.counters.add("refused_by_peers")
+            self.event("refusal", part.name, done.error)
             return
+        self.event("failover", part.name, f"job {job.job_id}: {done.error}")
         if isinstance(job.job, ExecJob) and not job.job.retry:
             job.failure = (exits.NOT_RUN, f"{done.error}; the command did not finish there "
                            "(with --retry it would run again elsewhere)")
