@@ -450,6 +450,35 @@ def test_without_a_terminal_only_exec_names_its_node_on_stderr(daemon: Daemon) -
     assert "done in" in held.stdout
 
 
+def test_stress_says_when_fewer_cores_are_here_than_asked(daemon: Daemon) -> None:
+    cores = len(os.sched_getaffinity(0))
+    result = daemon.cli("stress", str(cores + 3), "30")
+    assert result.returncode == 0, result.stderr
+    plural = "s" * (cores != 1)
+    assert f"vesta: only {cores} core{plural} here: pinning {cores}\n" == result.stderr
+    assert f"stressing {cores} core{plural} for 30 s" in result.stdout
+    assert daemon.cli("stop-stress").returncode == 0
+    asked = daemon.cli("stress", "1", "30")
+    assert asked.returncode == 0 and asked.stderr == ""
+    assert daemon.cli("stop-stress").returncode == 0
+
+
+def test_keygen_prints_a_key_for_key_file(daemon_factory: Callable[..., Daemon],
+                                          tmp_path: Path) -> None:
+    nowhere = python_env(VESTA_SOCKET=str(tmp_path / "none.sock"))  # it needs no daemon
+    first, second = run_cli("keygen", env=nowhere), run_cli("keygen", env=nowhere)
+    assert first.returncode == 0 and first.stderr == ""
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}\n", first.stdout)  # 256 bits, nothing else
+    assert second.stdout != first.stdout
+    key_file = tmp_path / "fed.key"
+    key_file.write_text(first.stdout)  # as `vesta keygen > fed.key` does
+    key_file.chmod(0o600)
+    node = daemon_factory("-key-file", str(key_file))
+    assert node.cli("--json", "status").returncode == 0
+    helped = run_cli("--help")
+    assert re.search(r"keygen .*-key-file", helped.stdout)
+
+
 def test_a_stale_socket_is_never_picked(daemon_factory: Callable[..., Daemon]) -> None:
     live, dead = daemon_factory(), daemon_factory()
     dead.proc.kill()  # as kill -9 does: its socket stays behind with nothing listening

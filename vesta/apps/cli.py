@@ -8,6 +8,7 @@ Usage:
   vesta [options] exec [--gpu] [--timeout=<SECS>] [--] <cmd>...
   vesta [options] stress <cores> <secs>
   vesta [options] stop-stress
+  vesta keygen
   vesta (-h | --help)
   vesta --version
 
@@ -19,6 +20,7 @@ Commands:
   exec CMD     run a command where there is room; exits with its status
   stress C S   pin C of the daemon's cores (0 = all) for S seconds, to see work spill
   stop-stress  end a stress early
+  keygen       print a new random federation key, for vestad -key-file (vesta keygen > fed.key)
 
 Options:
   --node=<NAME>     the daemon of node NAME (else $VESTA_NODE, else the only one running)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _usage_problem(words: list[str]) -> str:
     """One sentence on what is wrong with a command line docopt refused."""
-    commands = ("peers", "status", "cpu", "mem", "exec", "stress", "stop-stress", "submit")
+    commands = ("peers", "status", "cpu", "mem", "exec", "stress", "stop-stress", "submit",
+                "keygen")
     given = [w for w in words if not w.startswith("-")]
     if "exec" in words and "--" not in words:
         return "put -- before the command: vesta exec -- CMD [ARG...]"
@@ -189,6 +192,7 @@ class Command:
         actions: list[tuple[str, Callable[[], int]]] = [
             ("peers", self.peers), ("status", self.status), ("cpu", self.cpu), ("mem", self.mem),
             ("exec", self.exec), ("stress", self.stress), ("stop-stress", self.stop_stress),
+            ("keygen", self.keygen),
         ]
         for name, action in actions:
             if a[name]:
@@ -287,6 +291,9 @@ class Command:
         with self.connect() as client:
             reply = client.request(StressRequest(cores, seconds))
         assert isinstance(reply, StressReply)
+        if 0 < reply.cores < cores:
+            _tell(f"only {reply.cores} core{'s' * (reply.cores != 1)} here: "
+                  f"pinning {reply.cores}")
         if self.json:
             self.emit({"cores": reply.cores, "seconds": reply.seconds})
         else:
@@ -304,6 +311,16 @@ class Command:
             self.out.write(f"stopped {reply.stopped} stress process"
                            f"{'es' * (reply.stopped != 1)}\n" if reply.stopped
                            else "no stress was running\n")
+        return 0
+
+    # -- keys --------------------------------------------------------------------------------------
+
+    def keygen(self) -> int:
+        """A new random federation key: 256 bits as 43 URL-safe characters, alone on stdout."""
+        import secrets  # only keygen needs it: it costs the CLI's start-up time
+
+        self.out.write(secrets.token_urlsafe(32) + "\n")
+        self.out.flush()
         return 0
 
 
