@@ -35,7 +35,7 @@ from vesta.statefiles import StateFileError, next_boot
 from vesta.sysstat import Sysstat, primary_ipv4
 from vesta.transport.crypto import FederationKeys
 from vesta.transport.loop import IoLoop
-from vesta.workers.supervisor import stop_job_servers
+from vesta.workers.supervisor import open_job_space, stop_job_servers
 
 logger = logging.getLogger("vesta.daemon")
 
@@ -94,6 +94,9 @@ def run(config: Any) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    # before the Executor, whose supervisor puts its job processes there; it also cleans what a
+    # daemon of this node killed with kill -9 left behind
+    space = open_job_space(config.name)
     counters = Counters()
     links = Links()
     started: list[pykka.ActorRef[Any]] = []
@@ -138,6 +141,7 @@ def run(config: Any) -> int:
         pykka.ActorRegistry.stop_all(timeout=ACTOR_STOP_TIMEOUT)
         loop.stop()
         stop_job_servers()
+        space.close()
         listener.close()
         peer_listener.close()
         beacons.close()

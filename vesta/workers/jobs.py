@@ -9,6 +9,11 @@ over a one-way pipe with small tuples:
 - ``("out", stream, data)`` an exec command wrote output;
 - ``("pgid", pgid)`` the process group of an exec command, so the parent can kill it;
 - ``("done", exit_code, error, detail)`` the task ended (error "" when it ran to completion).
+
+How a job process ends when the daemon is killed with ``kill -9``: the fork server ends as soon as
+the daemon does (see :func:`release_fork_server`), and every job process has asked the kernel for
+a signal when the fork server, its parent, dies: SIGKILL for cpu, mem and stress workers, SIGTERM
+for exec workers, which then kill their command's cgroup and every descendant before they exit.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -62,18 +68,48 @@ def job_digest(unit_results: Sequence[bytes]) -> str:
 # -- child process set-up --------------------------------------------------------------------------
 
 
-def prepare_child(lend: bool) -> None:
-    """Set up a job process: ignore Ctrl-C, die with the parent, and yield the CPU when lending."""
+def prepare_child(lend: bool, death_signal: int = signal.SIGKILL) -> None:
+    """Set up a job process: ignore Ctrl-C, end with the daemon, and yield the CPU when lending.
+
+    ``death_signal`` is what the process gets when its parent, the fork server, ends: SIGKILL for
+    a process with nothing to clean up, SIGTERM for an exec worker, which cleans up on SIGTERM.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent()
+    die_with_parent(death_signal)
+    release_fork_server()  # after the death signal is set: see there
     if lend:
         lowest_priority()
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent ends (Linux only; best effort)."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent ends (Linux only; best
+    effort)."""
+    _prctl(_PR_SET_PDEATHSIG, signum)
+
+
+def release_fork_server() -> None:
+    """Close this job process's copy of the fork server's "alive" pipe.
+
+    Why the fork server used to outlive a daemon killed with ``kill -9``: it ends when every
+    write end of its "alive" pipe is closed, and multiprocessing hands that write end to every
+    process the server forks (so that they could ask the same server for children of their own).
+    So each running job process kept the fork server alive, and the fork server, the parent their
+    death signal is tied to, kept them alive: neither ever ended, and the resource tracker, whose
+    pipe they hold too, stayed with them. Once the job processes drop their copies, the daemon
+    holds the only one, and the fork server ends the moment the daemon does, taking every job
+    process with it.
+
+    Call it only after the death signal is set: while this process holds the pipe the fork
+    server cannot end, so it cannot die unnoticed before the signal is in place.
+    """
+    server: Any = forkserver._forkserver  # multiprocessing has no public handle on it
+    if server.get_inherited_fds() is None:  # this process was not forked by the fork server
+        return
+    fd, server._forkserver_alive_fd = server._forkserver_alive_fd, None
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _prctl(option: int, value: int) -> None:
@@ -91,7 +127,7 @@ def lowest_priority() -> None:
 
 def run(conn: Connection, kind: str, params: dict[str, Any], lend: bool) -> None:
     """Entry point of every job process."""
-    prepare_child(lend)
+    prepare_child(lend, signal.SIGTERM if kind == "exec" else signal.SIGKILL)
     runners: dict[str, Callable[[Connection, dict[str, Any]], None]] = {
         "cpu": run_cpu, "mem": run_mem, "exec": run_exec, "stress": run_stress,
     }
@@ -171,28 +207,75 @@ def run_exec(conn: Connection, params: dict[str, Any]) -> None:
     """Run a command in a fresh directory and session, streaming its output to the parent.
 
     This process becomes a child subreaper, so whatever the command starts, even in a session
-    of its own, stays below it and is killed when the job ends; SIGTERM (a cancel) does the same
-    clean-up, working directory included, before the process exits.
+    of its own, stays below it and is killed when the job ends. Where the daemon has a cgroup
+    for the job (``params["cgroup"]``), the command runs in it, and the clean-up kills the whole
+    cgroup at once, whatever left this process's tree. SIGTERM (a cancel, or the death of the
+    fork server after the daemon's) does the same clean-up, working directory included, before
+    the process exits.
     """
-    workdir = tempfile.mkdtemp(prefix="vesta-job-")
-    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    cgroup: str | None = params.get("cgroup")
+    workdir = tempfile.mkdtemp(prefix="vesta-job-", dir=params.get("tmpdir"))
 
     def cancelled(_signum: int, _frame: Any) -> None:
-        _clean_up(workdir)
+        _clean_up(workdir, cgroup)
         os._exit(exits.killed_by(signal.SIGTERM))
 
     signal.signal(signal.SIGTERM, cancelled)
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     try:
-        _exec_in(conn, params, workdir)
+        _exec_in(conn, params, workdir, cgroup)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _clean_up(workdir)
+        _clean_up(workdir, cgroup)
 
 
-def _clean_up(workdir: str) -> None:
-    """Kill every process this one started, and remove the job's working directory."""
-    kill_descendants()
+def _clean_up(workdir: str, cgroup: str | None) -> None:
+    """Kill the job's cgroup and every process this one started; remove the working directory."""
+    if cgroup is not None:
+        kill_cgroup(cgroup)
+    kill_descendants()  # and reap what the cgroup's end left here as zombies
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def join_cgroup(path: str) -> None:
+    """Move the calling process into cgroup ``path`` (best effort: the subreaper still holds).
+
+    Runs in the command's child between fork and exec, so it only makes system calls.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+        try:
+            os.write(fd, b"0")  # 0 is the writer itself
+        finally:
+            os.close(fd)
+
+
+def kill_cgroup(path: str, wait: float = 1.0) -> bool:
+    """SIGKILL every process in cgroup ``path`` at once, wait up to ``wait`` seconds for them to
+    end, and remove the cgroup. True once it is gone (or was never there).
+
+    ``cgroup.kill`` (Linux 5.14) reaches every process in the cgroup and below, in whatever
+    session, including ones forked while it acts; the processes stay zombies until their parent
+    reaps them, which does not keep the cgroup from being removed.
+    """
+    try:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        return not os.path.exists(path)
+    except OSError:
+        pass  # no cgroup.kill, or not ours: removing it below says whether it is empty
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.rmdir(path)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+        time.sleep(0.005)
 
 
 def kill_descendants() -> None:
@@ -236,7 +319,7 @@ def resolve_command(argv0: str, workdir: str, path: str) -> str | None:
     return argv0 if os.path.exists(argv0) else None
 
 
-def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
+def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str | None) -> None:
     argv: list[str] = params["argv"]
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
@@ -256,11 +339,17 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
     if not os.access(program, os.X_OK):
         conn.send(("done", exits.NOT_EXECUTABLE, f"{argv[0]}: not executable", {}))
         return
+
+    def child_setup() -> None:  # safe: this process has a single thread
+        die_with_parent()
+        if cgroup is not None:
+            join_cgroup(cgroup)  # before exec, so all the command starts is in the cgroup too
+
     try:
         proc = subprocess.Popen(
             [program, *argv[1:]], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=die_with_parent,  # safe: this process has a single thread
+            preexec_fn=child_setup,
         )
     except PermissionError:
         conn.send(("done", exits.NOT_EXECUTABLE,
@@ -278,6 +367,8 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> None:
         return
     conn.send(("pgid", proc.pid))
     timed_out, truncated = _pump(conn, proc, params.get("timeout"), params["cap_bytes"])
+    if cgroup is not None:
+        kill_cgroup(cgroup)
     kill_descendants()  # leftovers of the command do not outlive the job
     detail = {"truncated": truncated} if truncated else {}
     if timed_out:

@@ -7,17 +7,26 @@ every job process is forked from it. Each worker is one ``Process`` with a one-w
 watched through its pipe and its ``sentinel`` with ``multiprocessing.connection.wait``, so any
 single worker can be killed without disturbing the others. The thread reports what happens as
 messages to its actor.
+
+The daemon claims a :class:`JobSpace` for its node at start: a private temp directory for
+multiprocessing's files and the exec working directories (so that nothing piles up in /tmp after
+a crash), and, where it has a delegated cgroup v2, one cgroup per exec command (so that nothing a
+command starts outlives its job, whatever session it moves to).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import socket
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +41,14 @@ from vesta.workers import jobs
 logger = logging.getLogger(__name__)
 
 _context: Any = None
+#: The space the daemon claimed with :func:`open_job_space`; supervisors created after it use it.
+_space: JobSpace | None = None
+
+#: Where job spaces are made: the same place as the control socket. Unix socket paths are
+#: limited to 107 bytes, and the fork server's socket lives in the space:
+#: "/tmp/vestad-" + a name of at most 64 + "." + a uid of at most 10 + "/listener-XXXXXXXX"
+#: is at most 105.
+SPACE_ROOT = "/tmp"
 
 
 def job_context() -> Any:
@@ -71,6 +88,199 @@ def stop_job_servers() -> None:
 
 
 @dataclass
+class JobSpace:
+    """The places one node's job processes live in: claimed at start, released at a clean exit.
+
+    ``tmpdir`` (``/tmp/vestad-NAME.UID``, mode 0700) holds multiprocessing's files (the fork
+    server's socket) and the exec working directories. The daemon holds a lock on it for its
+    whole life, so a daemon that starts and gets the lock knows that whatever is inside was left
+    by one of this node that died, and removes it.
+
+    ``cgroup``, where the daemon may create a cgroup v2 under its own (root, or a delegated
+    subtree such as systemd's ``Delegate=yes``), is the parent of one cgroup per exec command,
+    created with the first of them; None elsewhere.
+    """
+
+    tmpdir: str | None = None
+    cgroup: str | None = None
+    lock: int | None = None
+    replaced: str | None = None  # multiprocessing's temp directory before this one
+
+    def job_cgroup(self, worker_id: str) -> str | None:
+        """A new cgroup for one exec command, or None where there is none to have."""
+        if self.cgroup is None:
+            return None
+        path = os.path.join(self.cgroup, worker_id)
+        for directory in (self.cgroup, path):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                logger.warning("cannot create the cgroup %s: %s", directory, exc)
+                return None
+        return path
+
+    def close(self) -> None:
+        """Remove the space: kill what is left in its cgroups, remove them and the directory."""
+        global _space
+        if self.cgroup is not None:
+            _remove_cgroups(self.cgroup)
+            self.cgroup = None
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            config = _multiprocessing_config()
+            if config.get("tempdir") == self.tmpdir:
+                if self.replaced is None:
+                    del config["tempdir"]
+                else:
+                    config["tempdir"] = self.replaced
+            self.tmpdir = None
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+        if _space is self:
+            _space = None
+
+
+def open_job_space(name: str, root: str = SPACE_ROOT) -> JobSpace:
+    """Claim the job space of node ``name``, clean what a dead daemon of the node left in it,
+    and make it multiprocessing's temp directory. Never fails: without a directory of its own,
+    multiprocessing makes its usual ``pymp-*`` one; without a cgroup, exec jobs run without."""
+    global _space
+    space = JobSpace()
+    try:
+        _claim_tmpdir(space, os.path.join(root, f"vestad-{name}.{os.getuid()}"), root)
+    except OSError as exc:
+        logger.warning("no private directory for job processes in %s: %s", root, exc)
+    if space.tmpdir is not None:
+        # multiprocessing has no public setting for its temp directory; get_temp_dir() uses
+        # this one when it is set, and neither removes nor replaces it
+        config = _multiprocessing_config()
+        space.replaced = config.get("tempdir")
+        config["tempdir"] = space.tmpdir
+        space.cgroup = delegated_cgroup(os.path.basename(space.tmpdir))
+        if space.cgroup is not None:
+            _remove_cgroups(space.cgroup, "left by a vestad of this node that was killed")
+    logger.info("job processes: files in %s; exec commands in %s", space.tmpdir or root,
+                f"a cgroup each, under {space.cgroup}" if space.cgroup
+                else "no cgroup (no delegated cgroup v2 here)")
+    _space = space
+    return space
+
+
+def _multiprocessing_config() -> dict[str, Any]:
+    process: Any = multiprocessing.current_process()
+    config: dict[str, Any] = process._config
+    return config
+
+
+def _claim_tmpdir(space: JobSpace, path: str, root: str) -> None:
+    """Make ``path`` this daemon's, locked for its life, emptied of what a dead daemon left; or a
+    fresh directory of its own when a live daemon of the same node holds it."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        logger.warning("%s is not a directory of this user; using another one", path)
+        path = tempfile.mkdtemp(prefix=os.path.basename(path).rsplit(".", 1)[0] + ".", dir=root)
+    os.chmod(path, 0o700)
+    lock = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        logger.warning("another vestad of this node uses %s; using another directory", path)
+        path = tempfile.mkdtemp(prefix=os.path.basename(path).rsplit(".", 1)[0] + ".", dir=root)
+        lock = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    left = [entry for entry in os.scandir(path) if entry.name != ".lock"]
+    for entry in left:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    if left:
+        logger.info("removed %d files left in %s by a vestad of this node that was killed",
+                    len(left), path)
+    space.tmpdir, space.lock = path, lock
+
+
+def _remove_cgroups(parent: str, why: str = "") -> None:
+    """Kill and remove every cgroup directly below ``parent`` (each holds one exec command), then
+    ``parent`` itself."""
+    try:
+        children = [entry.path for entry in os.scandir(parent) if entry.is_dir()]
+    except OSError:
+        return
+    for path in children:
+        if not jobs.kill_cgroup(path):
+            logger.warning("cannot remove the cgroup %s", path)
+    if children and why:
+        logger.info("killed %d exec jobs %s", len(children), why)
+    with contextlib.suppress(OSError):
+        os.rmdir(parent)
+
+
+def delegated_cgroup(name: str, proc: str = "/proc/self") -> str | None:
+    """Where this process may create a cgroup v2 ``name`` under its own, or None where it cannot.
+
+    Needs a cgroup v2 hierarchy, the right to create a child of the process's own cgroup and to
+    move processes there (root, or a delegated subtree), and ``cgroup.kill`` (Linux 5.14). Tried
+    by creating it; one created here is removed again, one that was there is left as it was.
+    """
+    try:
+        with open(os.path.join(proc, "cgroup")) as f:
+            cgroups = f.read()
+        with open(os.path.join(proc, "mountinfo")) as f:
+            mounts = f.read()
+    except OSError:
+        return None
+    own = own_cgroup_dir(cgroups, mounts)
+    if own is None:
+        return None
+    path = os.path.join(own, name)
+    created = False
+    try:
+        os.mkdir(path)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError:  # not ours to create (EACCES, EROFS, ...)
+        return None
+    usable = os.path.exists(os.path.join(path, "cgroup.kill")) and all(
+        os.access(os.path.join(d, "cgroup.procs"), os.W_OK) for d in (own, path))
+    if created:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    return path if usable else None
+
+
+def own_cgroup_dir(cgroups: str, mountinfo: str) -> str | None:
+    """The directory of this process's cgroup v2, from /proc/self/cgroup and
+    /proc/self/mountinfo; None without a cgroup v2 hierarchy."""
+    own = next((line[3:] for line in cgroups.splitlines() if line.startswith("0::")), None)
+    if own is None or not own.startswith("/") or own.endswith(" (deleted)"):
+        return None
+    for line in mountinfo.splitlines():
+        mine, sep, theirs = line.partition(" - ")
+        fields = mine.split()
+        if not sep or len(fields) < 5 or theirs.split()[:1] != ["cgroup2"]:
+            continue
+        mount_root, mount_point = _unescape(fields[3]), _unescape(fields[4])
+        if own == mount_root or own.startswith(mount_root.rstrip("/") + "/"):
+            return os.path.join(mount_point, own[len(mount_root):].lstrip("/")).rstrip("/")
+    return None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash come as octal escapes."""
+    for code in ("040", "011", "012", "134"):
+        field = field.replace("\\" + code, chr(int(code, 8)))
+    return field
+
+
+@dataclass
 class _Worker:
     worker_id: str
     kind: str
@@ -78,6 +288,7 @@ class _Worker:
     reader: Connection
     kill_at: float | None = None  # when a worker asked to stop gets SIGKILL
     share: str | None = None  # the group whose unit counter it shares
+    cgroup: str | None = None  # an exec command's own cgroup
     pgid: int | None = None
     done: tuple[int, str, dict[str, Any]] | None = None
     units: dict[int, bytes] = field(default_factory=dict)
@@ -86,9 +297,10 @@ class _Worker:
 class Supervisor(threading.Thread):
     """Owns every job process. Its methods may be called from any thread; they never block."""
 
-    def __init__(self, report: Callable[[Message], object]) -> None:
+    def __init__(self, report: Callable[[Message], object], space: JobSpace | None = None) -> None:
         super().__init__(name="vesta-supervisor", daemon=True)
         self.report = report
+        self.space = space if space is not None else _space
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._workers: dict[str, _Worker] = {}
@@ -169,6 +381,10 @@ class Supervisor(threading.Thread):
         except OSError as exc:  # out of file descriptors, say
             self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
             return
+        cgroup = None
+        if kind == "exec" and self.space is not None:
+            cgroup = self.space.job_cgroup(worker_id)
+            params = {**params, "tmpdir": self.space.tmpdir, "cgroup": cgroup}
         process = ctx.Process(
             target=jobs.run, args=(writer, kind, params, lend), name=f"vesta-{kind}", daemon=True
         )
@@ -177,11 +393,14 @@ class Supervisor(threading.Thread):
         except Exception as exc:  # the fork server could not start or fork
             logger.error("cannot start a %s worker: %s", kind, exc)
             reader.close()
+            if cgroup is not None:
+                jobs.kill_cgroup(cgroup)
             self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
             return
         finally:
             writer.close()
-        self._workers[worker_id] = _Worker(worker_id, kind, process, reader, share=share)
+        self._workers[worker_id] = _Worker(worker_id, kind, process, reader, share=share,
+                                           cgroup=cgroup)
 
     def _on_ready(self, ready: Any) -> None:
         if ready is self._wake_r:
@@ -233,6 +452,9 @@ class Supervisor(threading.Thread):
             self._counters.pop(worker.share, None)
         if worker.pgid is not None and worker.done is None:  # it died before cleaning up
             exits.kill_group(worker.pgid)
+        if worker.cgroup is not None and not jobs.kill_cgroup(worker.cgroup, wait=0.2):
+            logger.warning("cannot remove the cgroup %s; it goes when the daemon stops",
+                           worker.cgroup)
         if worker.done is not None:
             code, error, detail = worker.done
         else:
@@ -250,6 +472,8 @@ class Supervisor(threading.Thread):
         """Stop a worker: an exec worker first gets SIGTERM to clean up after its command."""
         if worker.pgid is not None:
             exits.kill_group(worker.pgid)
+        if worker.cgroup is not None:
+            jobs.kill_cgroup(worker.cgroup, wait=0.0)
         if worker.kind == "exec" and worker.kill_at is None:
             worker.kill_at = time.monotonic() + TERM_GRACE
             with contextlib.suppress(OSError, ValueError, AttributeError):
