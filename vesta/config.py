@@ -185,8 +185,6 @@ SCHEMA: tuple[Field, ...] = (
     Field("allow_exec", bool, False, "let peers run commands on this node"),
     Field("exec_allowlist", list, [], "if not empty, the only commands peers may run here; "
           "matches the basename or the full path of the command", item=str, metavar="CMD,..."),
-    Field("exec_output_max_mb", int, 16, "most output of one exec job kept per stream, MiB; "
-          "the rest is read and dropped", low=1, high=1024, metavar="MB"),
     Field("max_borrow_ratio", float, 5.0, "leeching cap: how much a peer may borrow beyond what "
           "it contributed", low=0, high=1000, metavar="RATIO"),
     Field("goodwill_core_s", float, 120.0, "core-seconds of credit every new peer starts with",
@@ -228,7 +226,6 @@ class Config:
     spill_cpu_pct: int
     allow_exec: bool
     exec_allowlist: list[str]
-    exec_output_max_mb: int
     max_borrow_ratio: float
     goodwill_core_s: float
     battery_min_pct: int

@@ -110,9 +110,7 @@ def run(config: Any) -> int:
     try:
         keys = FederationKeys.derive(config.key)  # stretched once: about 0.1 s
         node = sampler.sample()
-        links.executor = Executor.start(
-            counters, links, sorted(sysstat.cpus), config.exec_output_max_mb << 20
-        )
+        links.executor = Executor.start(counters, links, sorted(sysstat.cpus))
         started.append(links.executor)
         links.executor.tell(node)
         links.autopilot = Autopilot.start(counters, links, config, node, len(sysstat.cpus))

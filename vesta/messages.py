@@ -337,9 +337,10 @@ class CancelRequest(Message, scope=Scope.CONTROL):
     job_id: str = ""
 
 
-class OutputAck(Message, scope=Scope.CONTROL):
-    """The client wrote ``size`` more bytes of a job's output: that much more may come (the
-    credit window that keeps a job's output from piling up anywhere on its way)."""
+class OutputAck(Message):
+    """Control -> Autopilot: ``size`` more bytes of a job's output went into its client's socket,
+    so that much more may come (the credit window that keeps a job's output from piling up
+    anywhere on its way, however slowly the client reads)."""
 
     job_id: str
     size: int

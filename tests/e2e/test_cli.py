@@ -370,12 +370,24 @@ def test_node_names_are_cleaned_the_same_way_on_both_sides(
     assert result.returncode == 3 and "/tmp/vestad-my-laptop.sock" in result.stderr
 
 
-def test_truncated_output_is_said(daemon_factory: Callable[..., Daemon]) -> None:
-    node = daemon_factory("-exec-output-max-mb", "1")
-    result = node.cli("exec", "--", "sh", "-c", "head -c 3000000 /dev/zero")
+def test_streamed_output_arrives_whole_at_any_size(daemon: Daemon) -> None:
+    """More than any cap the one-node release had (16 MiB), through a pipe: every byte."""
+    size = 40_000_000
+    result = subprocess.run(
+        f"{sys.executable} -m vesta.apps.cli --socket {daemon.socket} exec -- "
+        f"head -c {size} /dev/zero | wc -c", shell=True, capture_output=True, text=True,
+        env=python_env(), timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == size
+
+
+def test_json_keeps_at_most_16_mib_per_stream_and_says_so(daemon: Daemon) -> None:
+    result = daemon.cli("--json", "exec", "--", "head", "-c", str(17 << 20), "/dev/zero")
     assert result.returncode == 0
-    assert len(result.stdout) == 1 << 20
-    assert "stdout was cut at the node's output limit (exec_output_max_mb)" in result.stderr
+    doc = as_json(result)
+    assert len(doc["stdout"]) == 16 << 20
+    assert doc["truncated"] == ["stdout"]
+    assert "--json keeps 16 MiB of each stream: stdout cut there" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import os
 import socket
 import stat
 import struct
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from vesta.messages import (
     ClientRequest,
     DecodeError,
     ErrorReply,
+    JobOutput,
     Message,
     OutputAck,
     PeersRequest,
@@ -139,6 +141,11 @@ class Control(VestaActor):
                 logger.info("control socket at %s", self.path)
             case ClientRequest(client=client, request=request):
                 self.route(client, request)
+            case ToClient(client=client, msg=JobOutput(job_id=job_id, data=data) as msg):
+                # once the client's socket took it, that much more output may come
+                ack = ClientRequest(client, OutputAck(job_id, len(data)))
+                self.loop.send(client, encode(msg),
+                               written=partial(tell_quietly, self.links.autopilot, ack))
             case ToClient(client=client, msg=msg):
                 self.loop.send(client, encode(msg))
             case ClientGone():
@@ -149,7 +156,7 @@ class Control(VestaActor):
 
     def route(self, client: int, request: Message) -> None:
         match request:
-            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest() | OutputAck():
+            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
                 self.links.autopilot.tell(ClientRequest(client, request))
             case StressRequest(cores=cores, seconds=seconds):
                 if cores < 0 or not 0 < seconds <= 86400:

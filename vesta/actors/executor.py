@@ -40,6 +40,7 @@ from vesta.messages import (
     StartStress,
     StopStress,
     StressReply,
+    TaskCredit,
     TaskDone,
     TaskOutput,
     TaskUnits,
@@ -76,12 +77,10 @@ class Executor(VestaActor):
 
     def __init__(
         self, counters: Counters, links: Links, cores: list[int] | None = None,
-        output_cap_bytes: int = 16 << 20,
     ) -> None:
         super().__init__(counters)
         self.links = links
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
-        self.output_cap_bytes = output_cap_bytes
         self.tasks: dict[str, _Task] = {}
         self.owner: dict[str, str] = {}  # worker id -> task id
         self.stress_workers: set[str] = set()
@@ -106,6 +105,10 @@ class Executor(VestaActor):
                 self.node = message
             case CancelTask(task_id=task_id):
                 self.cancel(task_id)
+            case TaskCredit(task_id=task_id, size=size):
+                credited = self.tasks.get(task_id)
+                for worker in credited.workers if credited else ():
+                    self.supervisor.credit(worker, size)
             case WorkerUnits(worker=worker, units=units):
                 self.on_units(worker, units)
             case WorkerOutput(worker=worker, stream=stream, data=data):
@@ -193,7 +196,7 @@ class Executor(VestaActor):
             pieces = [{"mb": job.mb, "ms": job.ms}]
         elif isinstance(job, ExecJob):
             pieces = [{"argv": job.argv, "timeout": job.timeout, "job_id": run.job_id,
-                       "cap_bytes": self.output_cap_bytes, "programs": PROGRAMS_DIR,
+                       "programs": PROGRAMS_DIR,
                        "cpus": self.lent_cpus() if peer else None}]
         else:
             raise TypeError(f"no executor for {job.tag}")

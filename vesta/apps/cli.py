@@ -71,6 +71,8 @@ from vesta.messages import (
 from vesta.names import sanitize_name
 
 _USAGE = __doc__ or ""
+#: Output of exec kept per stream for the --json document (streamed output is never cut).
+JSON_KEEP_BYTES = 16 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +343,7 @@ class JobView:
         self.nodes: list[str] = []
         self.stdout: list[bytes] = []
         self.stderr: list[bytes] = []
+        self.truncated: list[str] = []
         self.done: JobDone | None = None
         self.started: float | None = None  # when its first part started running
         self.units: tuple[int, int, dict[str, int]] | None = None  # done, total, by node
@@ -383,8 +386,13 @@ class JobView:
                             exits.not_finished(self.job.kind))
 
     def output(self, stream: str, data: bytes) -> None:
-        if self.as_json:
-            (self.stdout if stream == "stdout" else self.stderr).append(data)
+        if self.as_json:  # kept for the document, up to a cap; the rest is read and dropped
+            kept = self.stdout if stream == "stdout" else self.stderr
+            room = JSON_KEEP_BYTES - sum(map(len, kept))
+            if len(data) > room and stream not in self.truncated:
+                self.truncated.append(stream)
+            if room > 0:
+                kept.append(data[:room])
             return
         self.clear()
         target = sys.stdout if stream == "stdout" else sys.stderr
@@ -438,6 +446,10 @@ class JobView:
                 doc["stdout"] = b"".join(self.stdout).decode("utf-8", "replace")
                 doc["stderr"] = b"".join(self.stderr).decode("utf-8", "replace")
                 doc["exit_code"] = done.exit_code
+                if self.truncated:
+                    doc["truncated"] = self.truncated
+                    print(f"vesta: --json keeps {JSON_KEEP_BYTES >> 20} MiB of each stream: "
+                          f"{' and '.join(self.truncated)} cut there", file=sys.stderr)
             if not done.ok:
                 doc.update(error=done.error, exit_code=done.exit_code)
             out.write(json.dumps(doc) + "\n")
@@ -459,9 +471,6 @@ class JobView:
         # "seconds" is the run time; the time spent waiting for a worker is apart
         took = f"{r['seconds']:.2f} s" + _queued(r.get("queued_seconds", 0.0))
         if isinstance(self.job, ExecJob):
-            for stream in r.get("truncated", []):
-                self.err.write(f"vesta: {stream} was cut at the node's output limit "
-                               "(exec_output_max_mb); the rest was dropped\n")
             self.err.write(f"vesta: ran on {r.get('node', '?')} in {took}, "
                            f"exit status {done.exit_code}\n")
             return

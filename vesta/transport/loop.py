@@ -71,8 +71,9 @@ class Conn:
         self.channel = channel
         self.peer = peer  # the remote address
         self.connecting = False
-        self.out: deque[tuple[bytes, bool]] = deque()  # (payload, plain) not yet wrapped
+        self.out: deque[tuple[bytes, bool, Callable[[], object] | None]] = deque()  # not wrapped
         self.pending: deque[memoryview] = deque()  # wrapped bytes not yet fully written
+        self.written: Callable[[], object] | None = None  # to call once ``pending`` is written
         self.queued = 0
         self.closing = False  # close once the queue is written
         self.last_received = time.monotonic()
@@ -137,11 +138,12 @@ class IoLoop(threading.Thread):
         return conn_id
 
     def send(self, conn_id: int, payload: bytes, close_after: bool = False,
-             plain: bool = False) -> bool:
+             plain: bool = False, written: Callable[[], object] | None = None) -> bool:
         """Queue one frame's payload for a connection; False if it is gone or was dropped.
 
         The channel wraps (seals) it when it is written; ``plain`` frames it as it is (a handshake
-        message that is already sealed, say)."""
+        message that is already sealed, say). ``written`` is called in the loop thread once the
+        whole frame is in the socket: the sender's flow control hangs on it."""
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing:
@@ -153,7 +155,7 @@ class IoLoop(threading.Thread):
                 conn.closing = True
                 ok = False
             else:
-                conn.out.append((payload, plain))
+                conn.out.append((payload, plain, written))
                 conn.queued += len(payload)
                 conn.closing = close_after
                 ok = True
@@ -260,7 +262,7 @@ class IoLoop(threading.Thread):
             conn.queued = 0
         chunks: list[bytes | memoryview] = list(conn.pending)
         conn.pending.clear()
-        for payload, plain in payloads:
+        for payload, plain, _written in payloads:
             chunks += _plain_frame(payload) if plain else conn.channel.wrap(payload)
         return chunks
 
@@ -417,7 +419,7 @@ class IoLoop(threading.Thread):
                 with self._lock:
                     if not conn.out:
                         return True
-                    payload, plain = conn.out.popleft()
+                    payload, plain, conn.written = conn.out.popleft()
                     conn.queued -= len(payload)
                 try:
                     chunks = _plain_frame(payload) if plain else conn.channel.wrap(payload)
@@ -443,6 +445,12 @@ class IoLoop(threading.Thread):
                     n = 0
             if conn.pending:
                 return True
+            if conn.written is not None:
+                written, conn.written = conn.written, None
+                try:
+                    written()
+                except Exception:
+                    logger.exception("a written-callback failed")
 
     def drop(self, conn_id: int, reason: str) -> None:
         """Close a connection at once, dropping what is queued (loop thread only)."""

@@ -24,7 +24,7 @@ import errno
 import hashlib
 import mmap
 import os
-import selectors
+import select
 import shutil
 import signal
 import subprocess
@@ -38,6 +38,8 @@ from typing import Any
 from vesta import exits
 
 UNIT_ITERATIONS = 100_000
+#: Bytes of an exec command's output that may be on their way to its reader, not yet taken.
+OUTPUT_WINDOW = 1 << 20
 #: A cpu job process reports its finished units at most this often, in seconds.
 REPORT_INTERVAL = 0.25
 #: Seconds a worker waits for the shared unit counter before it gives up.
@@ -366,33 +368,33 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str
             conn.send(("done", exits.NOT_RUN, f"{argv[0]}: cannot run: {exc.strerror}", {}))
         return
     conn.send(("pgid", proc.pid))
-    timed_out, truncated = _pump(conn, proc, params.get("timeout"), params["cap_bytes"])
+    timed_out = _pump(conn, proc, params.get("timeout"), params.get("window", OUTPUT_WINDOW))
     if cgroup is not None:
         kill_cgroup(cgroup)
     kill_descendants()  # leftovers of the command do not outlive the job
-    detail = {"truncated": truncated} if truncated else {}
     if timed_out:
-        conn.send(("done", exits.TIMED_OUT, f"timed out after {params['timeout']:g} s", detail))
+        conn.send(("done", exits.TIMED_OUT, f"timed out after {params['timeout']:g} s", {}))
     else:
-        conn.send(("done", exits.from_returncode(proc.returncode), "", detail))
+        conn.send(("done", exits.from_returncode(proc.returncode), "", {}))
 
 
 def _pump(
-    conn: Connection, proc: subprocess.Popen[bytes], timeout: float | None, cap: int
-) -> tuple[bool, list[str]]:
+    conn: Connection, proc: subprocess.Popen[bytes], timeout: float | None, window: int
+) -> bool:
     """Relay output until the command exits and its pipes close; kill it at the timeout.
 
-    Past ``cap`` bytes per stream the output is still read, so the command never blocks on a
-    full pipe, but dropped. Returns (timed out, names of the truncated streams).
+    Every byte is relayed, under a credit window: once ``window`` bytes are out and not yet
+    taken by whoever reads the job (credits come back on ``conn``), the command's pipes are left
+    unread, so the command waits on a full pipe and nothing piles up on the way, at any size.
+    Returns whether it timed out.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None
-    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    sent = {"stdout": 0, "stderr": 0}
+    streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    unacked = 0
     timed_out = False
     exited_at: float | None = None
+    last_data = time.monotonic()
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline and not timed_out:
@@ -400,23 +402,38 @@ def _pump(
             exits.kill_group(proc.pid)
         if exited_at is None and proc.poll() is not None:
             exited_at = now
-        if exited_at is not None and (not sel.get_map() or now - exited_at > 1.0):
+        quiet = unacked < window and now - max(exited_at or 0.0, last_data) > 1.0
+        if exited_at is not None and (not streams or quiet or timed_out):
             break  # exited, and its pipes are closed or held by something it left behind
         wait = 0.2 if deadline is None or timed_out else max(0.0, min(0.2, deadline - now))
-        if not sel.get_map():
+        readable = list(streams) if unacked < window else []
+        ready, _, _ = select.select([*readable, conn.fileno()], [], [], wait)
+        for fd in ready:
+            if fd == conn.fileno():
+                unacked -= _credits(conn)
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                del streams[fd]
+                continue
+            conn.send(("out", streams[fd], data))
+            unacked += len(data)
+            last_data = time.monotonic()
+        if not streams and exited_at is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(wait)
-            continue
-        for key, _ in sel.select(wait):
-            data = os.read(key.fd, 65536)
-            if not data:
-                sel.unregister(key.fileobj)
-                continue
-            stream = key.data
-            room = cap - sent[stream]
-            if room > 0:
-                conn.send(("out", stream, data[:room]))
-            sent[stream] += len(data)
-    sel.close()
-    return timed_out, [s for s, n in sent.items() if n > cap]
+    return timed_out
+
+
+def _credits(conn: Connection) -> int:
+    """The output credits waiting on the pipe; an EOF means the parent is gone."""
+    total = 0
+    try:
+        while conn.poll():
+            message = conn.recv()
+            if isinstance(message, tuple) and message[:1] == ("credit",):
+                total += int(message[1])
+    except (EOFError, OSError):
+        total += 1 << 40  # nobody to wait for: let the command finish
+    return total
 

@@ -315,6 +315,10 @@ class Supervisor(threading.Thread):
     def kill(self, worker_id: str) -> None:
         self._command("kill", worker_id)
 
+    def credit(self, worker_id: str, size: int) -> None:
+        """Let an exec worker send ``size`` more bytes of its command's output."""
+        self._command("credit", worker_id, size)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Kill every worker and end the thread."""
         self._command("close")
@@ -358,6 +362,10 @@ class Supervisor(threading.Thread):
                 case ("kill", worker_id):
                     if worker_id in self._workers:
                         self._kill(self._workers[worker_id])
+                case ("credit", worker_id, size):
+                    if worker_id in self._workers:
+                        with contextlib.suppress(OSError, ValueError):
+                            self._workers[worker_id].reader.send(("credit", size))
                 case ("close",):
                     self._closing = True
                     for worker in self._workers.values():
@@ -377,7 +385,8 @@ class Supervisor(threading.Thread):
                 if share not in self._counters:
                     self._counters[share] = ctx.Value("q", params["start"])
                 params = {**params, "next": self._counters[share]}
-            reader, writer = ctx.Pipe(duplex=False)
+            # exec workers hear their output credits back over the same pipe
+            reader, writer = ctx.Pipe(duplex=kind == "exec")
         except OSError as exc:  # out of file descriptors, say
             self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
             return
