@@ -231,8 +231,6 @@ def test_results_under_a_released_lease_do_not_count_for_its_successor() -> None
     assert book.finished_by == Counter({"n2": 1})
 
 
-@pytest.mark.xfail(strict=True, reason="record() adds a node to finished_by even when none of "
-                   "its results were new, so the node is listed with 0 units")
 def test_finished_by_lists_only_nodes_that_finished_units() -> None:
     book = book_with(10, leases=(("a", "n1", 0, 4),))
     book.release("a")

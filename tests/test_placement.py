@@ -174,8 +174,6 @@ def test_place_reasons_name_their_node(want: Want, local: Candidate, peers: list
         assert d.name in d.reason, d
 
 
-@pytest.mark.xfail(strict=True, reason="when a job stays local below the spill line, each peer's "
-                   "reason is 'the job stays on the node it was submitted to', without its name")
 def test_peers_skipped_for_a_local_job_are_named_in_their_reason() -> None:
     _node, decisions = place(CPU, here(), [peer("attic")], SPILL)
     assert "attic" in decisions[1].reason

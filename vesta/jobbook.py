@@ -108,8 +108,9 @@ class JobBook:
             if lease.start <= index < lease.end and index not in self.results:
                 self.results[index] = result
                 fresh += 1
-        lease.done += fresh
-        self.finished_by[lease.node] += fresh
+        if fresh:
+            lease.done += fresh
+            self.finished_by[lease.node] += fresh
         return fresh
 
     def release(self, lease_id: str) -> Lease | None:

@@ -184,7 +184,7 @@ def unable(node: Candidate, want: Want) -> str:
     if want.kind == "exec" and not node.local:
         allowed, why = exec_permitted(want.argv0, node.allow_exec, node.exec_allowlist)
         if not allowed:
-            return f"{node.name}: {why}"
+            return f"{node.name} does not run it: {why.replace('this node', node.name)}"
     if want.kind == "mem":
         room = node.mem_available_mb if node.local else node.offer_mem_mb
         if want.mem_mb > room:
@@ -198,7 +198,7 @@ def spare(node: Candidate) -> float:
     """A node's spare capacity: idle cores, at most its free workers, scaled by its willingness
     to lend; memory available breaks ties."""
     idle = max(0.0, node.cores * (1 - node.cpu_pct / 100))
-    return round(min(float(node.free), idle) * node.willingness + node.mem_available_mb / 1e7, 4)
+    return round(min(float(node.free), idle) * node.willingness + node.mem_available_mb / 1e7, 7)
 
 
 def place(want: Want, here: Candidate, peers: Sequence[Candidate],
@@ -218,8 +218,9 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
                                   f"{here.name} (this node) is at {here.cpu_pct:.0f}% CPU, "
                                   f"below the {spill_cpu_pct:.0f}% spill line, with "
                                   f"{here.free} worker(s) free"))
-        decisions += [Decision(p.key, p.name, spare(p), False, "the job stays on the node it "
-                               "was submitted to") for p in peers]
+        decisions += [Decision(p.key, p.name, spare(p), False, f"{p.name} is not needed: the "
+                               f"job stays on {here.name}, the node it was submitted to")
+                      for p in peers]
         return here, decisions
     best: Candidate | None = None
     for peer in peers:

@@ -90,16 +90,31 @@ def test_the_other_node_runs_work_when_this_one_is_busy(daemon_factory: Start) -
     assert a.cli("stress", "0", "20").returncode == 0
     try:
         wait_for(lambda: status(a)["node"]["cpu_pct"] >= 80, timeout=10, what="a to be busy")
-        done = a.cli("--json", "exec", "--", "sh", "-c", "echo $VESTA_JOB_ID")
+        done = a.cli("--json", "exec", "--", "sh", "-c",
+                     "echo $VESTA_JOB_ID; grep Cpus_allowed_list /proc/self/status; "
+                     "cut -d' ' -f19 /proc/self/stat")
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["node"] == "b"
-        assert result["stdout"].strip() == result["job_id"]
+        job_id, cpus, nice = result["stdout"].splitlines()
+        assert job_id == result["job_id"]
+        offered = next(p for p in peers(a) if p["name"] == "b")["offer_workers"]
+        assert _count_cpus(cpus.split(":")[1].strip()) == offered  # lent: the offered CPUs only
+        assert nice.strip() == "19"  # and at the lowest priority
         cpu = json.loads(a.cli("--json", "cpu", "1").stdout)
         assert [p["node"] for p in cpu["placements"]] == ["b"]
         assert cpu["digest"] == json.loads(b.cli("--json", "cpu", "1").stdout)["digest"]
     finally:
         a.cli("stop-stress")
+
+
+def _count_cpus(listing: str) -> int:
+    """CPUs in a list such as ``0-3,6``."""
+    count = 0
+    for part in listing.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
 
 
 def test_exec_is_refused_by_a_node_that_does_not_allow_it(daemon_factory: Start) -> None:

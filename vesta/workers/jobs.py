@@ -342,6 +342,10 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str
         conn.send(("done", exits.NOT_EXECUTABLE, f"{argv[0]}: not executable", {}))
         return
 
+    if params.get("cpus"):  # lent: only the CPUs this node offers (SPEC), the command inherits
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, params["cpus"])
+
     def child_setup() -> None:  # safe: this process has a single thread
         die_with_parent()
         if cgroup is not None:
