@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,6 +163,8 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             p.kill()
         assert not alive, f"processes outlived vestad {d.name}: {alive}"
         Path(d.socket).unlink(missing_ok=True)
+        # the node's job space: what a daemon killed with kill -9 leaves for its next start
+        shutil.rmtree(f"/tmp/vestad-{d.name}.{os.getuid()}", ignore_errors=True)
 
 
 @pytest.fixture
