@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.conftest import KEY, Daemon, free_port, wait_for
+from tests.conftest import KEY, Daemon, free_port, python_env, wait_for
 from vesta import PROTOCOL_VERSION
 from vesta.identity import Identity
 from vesta.messages import Beacon, NodeInfo, RunTask, encode
@@ -336,3 +339,37 @@ def test_run_task_from_a_stranger_peer_is_refused_by_rule(
     assert "refused 'hostname'" in msg.error and "allow_exec is false" in msg.error
     assert daemon.name in msg.error
     assert status(daemon)["counters"]["refused_jobs"] >= 1
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["without --retry", "with --retry"])
+def test_an_exec_whose_node_dies_fails_or_runs_again_elsewhere(
+    daemon_factory: Start, retry: bool, tmp_path: Path
+) -> None:
+    a, b, _ = pair(daemon_factory, "-allow-exec")
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    assert a.cli("stress", "0", "30").returncode == 0
+    try:
+        wait_for(lambda: status(a)["node"]["cpu_pct"] >= 80, timeout=10, what="a to be busy")
+        marker = tmp_path / "runs"
+        args = ["exec", *(["--retry"] if retry else []), "--", "sh", "-c",
+                f"echo started; echo run >> {marker}; sleep 3; echo finished"]
+        proc = subprocess.Popen([sys.executable, "-m", "vesta.apps.cli", "--socket", a.socket,
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=python_env())
+        wait_for(lambda: any(f["to"] == "b" for f in status(a)["flows"]), timeout=10,
+                 what="the command to be placed on b")
+        wait_for(marker.exists, timeout=10, what="the command to start on b")
+        b.proc.kill()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        a.cli("stop-stress")
+    if retry:
+        assert proc.returncode == 0, err
+        assert marker.read_text().count("run") == 2  # again, from the start, on a
+        assert out.endswith("finished\n")
+        assert "ran on a" in err
+    else:
+        assert proc.returncode == 125
+        assert "b" in err and "--retry" in err
+    kinds = [e["kind"] for e in status(a)["events"]]
+    assert "failover" in kinds and "leave" in kinds

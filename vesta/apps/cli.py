@@ -5,7 +5,7 @@ Usage:
   vesta [options] status
   vesta [options] [submit] cpu <N> [--seed=<S>]
   vesta [options] [submit] mem <MB> <MS>
-  vesta [options] exec [--gpu] [--timeout=<SECS>] [--] <cmd>...
+  vesta [options] exec [--gpu] [--retry] [--timeout=<SECS>] [--] <cmd>...
   vesta [options] stress <cores> <secs>
   vesta [options] stop-stress
   vesta keygen
@@ -29,6 +29,7 @@ Options:
   --seed=<S>        seed of a cpu job [default: 0]
   --timeout=<SECS>  kill the command after SECS seconds (exit status 124)
   --gpu             run only on a node with a GPU
+  --retry           if the node running the command goes away, run it again elsewhere
   --debug           show tracebacks on errors
   -h --help         show this help
   --version         show the version
@@ -246,7 +247,8 @@ class Command:
     def exec(self) -> int:
         timeout = self.args["--timeout"]
         seconds = _float(timeout, "--timeout") if timeout is not None else None
-        return self.submit(ExecJob(list(self.args["<cmd>"]), seconds, bool(self.args["--gpu"])))
+        return self.submit(ExecJob(list(self.args["<cmd>"]), seconds, bool(self.args["--gpu"]),
+                                   bool(self.args["--retry"])))
 
     def submit(self, job: AnyJob) -> int:
         view = JobView(job, self.json, sys.stderr)
