@@ -67,6 +67,9 @@ def pair(start: Start, *extra_b: str, key_b: str = KEY,
 def test_two_nodes_link_through_seeds_and_list_each_other(daemon_factory: Start) -> None:
     a, b, _ = pair(daemon_factory)
     wait_for(lambda: up(a, "b") and up(b, "a"), timeout=10, what="the two nodes to link")
+    shown = a.cli("peers").stdout.splitlines()
+    assert shown[0].split()[:3] == ["NAME", "ADDRESS", "STATE"]
+    assert shown[1].split()[:3] == ["b", "127.0.0.1", "up"]
     (peer,) = peers(a)
     assert {"name", "address", "fingerprint", "cpu_pct", "mem_available_mb", "power",
             "last_seen_s", "version", "willingness", "cores", "state", "owner_cpu_pct",
@@ -189,6 +192,8 @@ def test_a_peer_on_another_protocol_version_is_refused_naming_both(
     (peer,) = wait_for(lambda: peers(daemon), timeout=5, what="the refused node to be listed")
     assert peer["state"] == "incompatible"
     assert "2" in peer["reason"] and str(PROTOCOL_VERSION) in peer["reason"]
+    shown = daemon.cli("peers").stdout  # for people: the state, and why, on its own line
+    assert "incompatible" in shown and peer["reason"] in shown
     assert status(daemon)["counters"]["failed_handshakes"] >= 1
 
 

@@ -219,8 +219,9 @@ class Command:
         if self.json:
             self.emit({"peers": peers})
         elif not peers:
-            self.out.write("no peers: this release of vestad runs one node on its own; peer "
-                           "discovery comes next.\n")
+            self.out.write("no peers yet: nodes started with the same key on this subnet appear "
+                           "within seconds; beyond it, give -seed HOST:7778 (UDP 7778 and TCP "
+                           "7777 must be open)\n")
         else:
             self.out.write(format_peers(peers))
         return 0
@@ -513,11 +514,20 @@ def table(rows: list[list[str]]) -> str:
 
 
 def format_peers(peers: list[dict[str, Any]]) -> str:
-    rows = [["NAME", "ADDRESS", "CPU", "MEM FREE", "POWER", "SEEN"]]
+    rows = [["NAME", "ADDRESS", "STATE", "CPU", "CORES", "MEM FREE", "OFFER", "POWER", "SEEN"]]
+    notes = []
     for p in peers:
-        rows.append([p["name"], p.get("address", ""), f"{p['cpu_pct']:.0f}%",
-                     f"{p['mem_available_mb']} MiB", p["power"], f"{p['last_seen_s']:.1f} s ago"])
-    return table(rows)
+        known = "cpu_pct" in p  # a node refused at the handshake told us little
+        rows.append([
+            p["name"], p.get("address", ""), p.get("state", "?"),
+            f"{p['cpu_pct']:.0f}%" if known else "-", str(p.get("cores", "-")),
+            f"{p['mem_available_mb']} MiB" if known else "-",
+            f"{p['offer_workers']} w" if known else "-", p.get("power", "-"),
+            f"{p.get('last_seen_s', 0.0):.1f} s ago",
+        ])
+        if p.get("state") in ("incompatible", "leaving") and p.get("reason"):
+            notes.append(f"{p['name']}: {p['reason']}")
+    return table(rows) + "".join(f"{note}\n" for note in notes)
 
 
 def format_status(doc: dict[str, Any]) -> str:
