@@ -9,6 +9,7 @@ timeout), removes the control socket, and exits 0. A second signal skips the wai
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -130,6 +131,9 @@ def run(config: Any) -> int:
                     "beacons on UDP %d, exec for peers: %s", __version__, config.name, address,
                     len(sysstat.cpus), identity.fingerprint, config.port, config.dport,
                     _exec_policy(config))
+        if config.allow_exec and os.geteuid() == 0:
+            logger.warning("running as root with allow_exec: commands run for peers run as root "
+                           "too; a dedicated unprivileged user is safer")
         code = _serve(stop, started)
         _shut_down(links, hurry)
     finally:

@@ -327,6 +327,8 @@ class Discovery(VestaActor):
         fp, beacon = heard.fingerprint, heard.beacon
         now = time.monotonic()
         if beacon is None:
+            if fp in self.nodes and self.nodes[fp].linked:
+                return  # a linked peer proved a common version; this datagram is no news
             entry = self.entry(fp, heard.host)
             entry.versions = (heard.versions[0], heard.versions[1])
             entry.state, entry.last_seen = "incompatible", now
