@@ -378,3 +378,30 @@ def test_an_exec_whose_node_dies_fails_or_runs_again_elsewhere(
         assert "b" in err and "--retry" in err
     kinds = [e["kind"] for e in status(a)["events"]]
     assert "failover" in kinds and "leave" in kinds
+
+
+def test_half_open_connections_are_bounded_and_time_out(daemon: Daemon) -> None:
+    """Connections that never finish a handshake: at most 16 are held, each at most 5 s."""
+    from vesta.actors.transport import MAX_HALF_OPEN
+    from vesta.transport.link import HANDSHAKE_TIMEOUT_S
+
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10)
+            for _ in range(MAX_HALF_OPEN)]
+    try:
+        wait_for(lambda: status(daemon)["counters"]["failed_handshakes"] == 0, timeout=5,
+                 what="the daemon to answer")
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            assert extra.recv(1) == b""  # refused at once: closed without a word
+        for sock in idle:  # each is closed once its deadline passes, silently
+            assert sock.recv(1) == b""
+        took = time.monotonic() - started
+        assert took <= HANDSHAKE_TIMEOUT_S + 2
+        wait_for(lambda: status(daemon)["counters"]["failed_handshakes"] >= MAX_HALF_OPEN + 1,
+                 timeout=5, what="each to be counted")
+    finally:
+        for sock in idle:
+            sock.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
+        again.sendall(b"\x00\x00\x00\x01x")  # the daemon serves new connections again

@@ -218,6 +218,7 @@ class Heartbeats:
             assert isinstance(channel, LinkChannel)
             if conn.connecting or not channel.up:
                 if now - channel.started > self.handshake_timeout_s:
+                    channel.counters.add("failed_handshakes")
                     channel.failed = "the handshake took too long"
                     self.loop.drop(conn.conn_id, channel.failed)
                 continue
