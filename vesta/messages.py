@@ -690,6 +690,14 @@ class StartStress(Message):
     seconds: float
 
 
+class StressState(Message):
+    """Executor -> Autopilot: ``cores`` are pinned by stress until ``until`` (epoch seconds);
+    0 cores: no stress runs."""
+
+    cores: int
+    until: float = 0.0
+
+
 class StopStress(Message):
     """Control -> Executor: end the stress; the reply goes to ``client``."""
 

@@ -239,10 +239,15 @@ def test_stress_pins_cores_and_stop_stress_ends_it(daemon: Daemon) -> None:
     spinning = wait_for(lambda: [p for p in daemon.descendants()
                                  if p.cpu_times().user > 0.2], what="a stress process")
     assert len(spinning) == 1
+    shown = as_json(daemon.cli("--json", "status"))["node"]["stress"]
+    assert shown["cores"] == 1 and 0 < shown["seconds_left"] <= 30
+    assert "1 core(s) pinned" in daemon.cli("status").stdout
     stopped = daemon.cli("stop-stress")
     assert stopped.returncode == 0 and "stopped 1" in stopped.stdout
     wait_for(lambda: all(not p.is_running() or p.status() == "zombie" for p in spinning),
              what="the stress process to end")
+    wait_for(lambda: as_json(daemon.cli("--json", "status"))["node"]["stress"] is None,
+             what="status to show no stress")
     again = daemon.cli("stop-stress")
     assert "no stress" in again.stdout
 

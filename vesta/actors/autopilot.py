@@ -54,6 +54,7 @@ from vesta.messages import (
     RunTask,
     StatusReply,
     StatusRequest,
+    StressState,
     SubmitRequest,
     TaskCredit,
     TaskDone,
@@ -149,6 +150,7 @@ class Autopilot(VestaActor):
         self.placements: deque[dict[str, Any]] = deque(maxlen=PLACEMENTS_KEPT)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.draining = False
+        self.stress = StressState(0)
         self._task_ids = itertools.count(1)
 
     @property
@@ -160,6 +162,8 @@ class Autopilot(VestaActor):
             case NodeInfo():
                 self.node = message
                 self.dispatch()
+            case StressState():
+                self.stress = message
             case PeerTable(peers=peers):
                 self.peer_events({p["fingerprint"]: p for p in peers})
                 self.peers = {p["fingerprint"]: p for p in peers}
@@ -197,8 +201,12 @@ class Autopilot(VestaActor):
 
     def node_doc(self) -> dict[str, Any]:
         doc = describe(self.node)
+        stress = self.stress
+        left = stress.until - time.time()
         doc.update(last_seen_s=0.0, workers_busy=self.busy, workers=self.capacity,
-                   queued=len(self.queue), state="up")
+                   queued=len(self.queue), state="up",
+                   stress={"cores": stress.cores, "seconds_left": round(left, 1)}
+                   if stress.cores and left > 0 else None)
         return doc
 
     def peer_docs(self) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from vesta.messages import (
     StartStress,
     StopStress,
     StressReply,
+    StressState,
     TaskCredit,
     TaskDone,
     TaskOutput,
@@ -227,6 +228,8 @@ class Executor(VestaActor):
     def on_exit(self, exited: WorkerExited) -> None:
         if exited.worker in self.stress_workers:
             self.stress_workers.discard(exited.worker)
+            if not self.stress_workers:
+                self.links.autopilot.tell(StressState(0))
             return
         task_id = self.owner.pop(exited.worker, None)
         task = self.tasks.get(task_id) if task_id else None
@@ -263,6 +266,7 @@ class Executor(VestaActor):
             self.supervisor.start_worker(worker, "stress", {"cpu": cpu, "seconds": seconds}, False)
         logger.info("stressing cores %s for %g s", chosen, seconds)
         self.links.control.tell(ToClient(client, StressReply(len(chosen), seconds)))
+        self.links.autopilot.tell(StressState(len(chosen), time.time() + seconds))
 
     def stop_stress(self) -> int:
         stopped = len(self.stress_workers)

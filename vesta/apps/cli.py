@@ -545,6 +545,9 @@ def format_status(doc: dict[str, Any]) -> str:
                   + (("only " + ", ".join(n["exec_allowlist"]) if n["exec_allowlist"]
                       else "allowed") if n["allow_exec"] else "off")],
     ]
+    if n.get("stress"):
+        lines.append(["stress", f"{n['stress']['cores']} core(s) pinned, "
+                                f"{n['stress']['seconds_left']:.0f} s left (vesta stop-stress)"])
     if n.get("temps_c"):
         lines.append(["temp", ", ".join(f"{k} {v:.0f}°C" for k, v in n["temps_c"].items())])
     lines.append(["peers", str(len(doc["peers"])) if doc["peers"] else "none yet"])
