@@ -216,15 +216,23 @@ def test_a_replayed_or_reordered_frame_ends_the_link(daemon: Daemon, keys: Feder
 
 
 def test_a_linked_peer_cannot_send_internal_messages(daemon: Daemon, keys: FederationKeys) -> None:
+    """Every type that may not come from a peer, sent over a real link: each refused, counted,
+    and the link and the daemon carry on."""
+    from tests.test_messages import NOT_FROM_PEERS, _example
+    from vesta.messages import Message
+
     port = int(daemon.args[daemon.args.index("-port") + 1])
     sock, session = handshake(port, keys, fake_identity())
-    from vesta.messages import CancelAll, Drain, StatusRequest
-
-    for msg in (CancelAll("x"), Drain(), StatusRequest()):
-        sock.sendall(b"".join(session.sealer.seal(encode(msg))))
-    wait_for(lambda: status(daemon)["counters"]["dropped_frames"] >= 3, timeout=5,
-             what="every internal message to be refused")
+    before = status(daemon)["counters"]["dropped_frames"]
+    for tag in NOT_FROM_PEERS:
+        sock.sendall(b"".join(session.sealer.seal(encode(_example(Message.registry[tag])))))
+    wait_for(lambda: status(daemon)["counters"]["dropped_frames"] >= before + len(NOT_FROM_PEERS),
+             timeout=10, what="every internal and control message to be refused")
+    assert "CancelAll" in NOT_FROM_PEERS and "Drain" in NOT_FROM_PEERS
+    assert "Serve" in NOT_FROM_PEERS and "SubmitRequest" in NOT_FROM_PEERS
+    sock.sendall(b"".join(session.sealer.seal(b"")))  # the link is still up: a heartbeat opens
     assert daemon.proc.poll() is None
+    assert status(daemon)["counters"]["dropped_frames"] == before + len(NOT_FROM_PEERS)
     sock.close()
 
 
