@@ -20,10 +20,13 @@ from typing import Any, TypeVar
 import psutil
 import pykka
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from vesta import PROTOCOL_VERSION
 from vesta.actors.links import Links
 from vesta.counters import Counters
-from vesta.messages import Ping
+from vesta.identity import Identity
+from vesta.messages import NodeInfo, Ping
 from vesta.workers.jobs import unit_result
 
 M = TypeVar("M")
@@ -207,3 +210,28 @@ def job_id() -> Iterator[str]:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(leftovers, timeout=5)
+
+
+# -- the federation --------------------------------------------------------------------------------
+
+
+def new_identity() -> Identity:
+    """A fresh node identity (no state directory involved)."""
+    return Identity(Ed25519PrivateKey.generate())
+
+
+def by_fingerprint(count: int) -> list[Identity]:
+    """``count`` fresh identities, lowest fingerprint first: which node dials depends on it."""
+    return sorted((new_identity() for _ in range(count)), key=lambda i: i.fingerprint)
+
+
+def node_info(name: str = "peer", fingerprint: str = "", **changes: Any) -> NodeInfo:
+    """What a node says of itself: two idle cores, one worker and 1 GiB offered, no exec."""
+    fields: dict[str, Any] = dict(
+        name=name, fingerprint=fingerprint, address="127.0.0.1", version=PROTOCOL_VERSION,
+        cores=2, cpu_pct=0.0, mem_available_mb=2048, mem_total_mb=4096, power="ac",
+        willingness=1.0, battery_pct=None, offer_workers=1, offer_mem_mb=1024, gpu=False,
+        allow_exec=False, exec_allowlist=[], temps_c={},
+    )
+    fields.update(changes)
+    return NodeInfo(**fields)
