@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def free_port(kind: int) -> int:
 
 
 def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
-                 env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+                 env: dict[str, str] | None = None, wait: bool = True,
+                 cpus: set[int] | None = None) -> Daemon:
     """Start vestad with a private state directory and control socket, and wait until it answers."""
     tag = secrets.token_hex(3)
     name = name or f"t{tag}"
@@ -121,7 +123,7 @@ def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
         proc = subprocess.Popen(
             [sys.executable, "-m", "vesta.apps.vestad", *args], stdout=out,
             stderr=subprocess.STDOUT, env=env or python_env(), stdin=subprocess.DEVNULL,
-            text=True,
+            text=True, preexec_fn=None if cpus is None else partial(os.sched_setaffinity, 0, cpus),
         )
     daemon = Daemon(name, sock, state, proc, log, args)
     if wait:

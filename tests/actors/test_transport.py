@@ -426,10 +426,6 @@ def settle_node(node: Node) -> None:
         assert probe.ref.ask(Ping(), timeout=DEADLINE) is True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "both nodes dialled: a task sent on the link that is then dropped is lost (the Transport "
-    "routes only the current conn_id, a closing connection's reads are discarded) and stays "
-    "'sent' in the PeerLink, so it never ends"))
 def test_a_task_sent_while_both_dial_is_delivered_or_failed_never_lost(
     make_node: Any, relay: Any
 ) -> None:

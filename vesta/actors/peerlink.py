@@ -61,11 +61,17 @@ class PeerLink(VestaActor):
         self.conn_id = 0
         self.sent: dict[str, RunTask] = {}  # our tasks running there
         self.lent: set[str] = set()  # its tasks running here, by the id it gave them
+        self.unsent: list[bytes] = []  # refused by a connection that went away meanwhile
 
     def handle(self, message: Message) -> Any:
         match message:
             case LinkUp(conn_id=conn_id, host=host):
+                if self.conn_id and self.conn_id != conn_id:
+                    self.loop.retire(self.conn_id)  # after all this link sent on it
                 self.conn_id, self.host = conn_id, host
+                unsent, self.unsent = self.unsent, []
+                for payload in unsent:
+                    self.loop.send(conn_id, payload)
             case LinkMessage(msg=msg):
                 self.received(msg)
             case ForPeer(msg=msg):
@@ -85,7 +91,9 @@ class PeerLink(VestaActor):
             case CancelTask(task_id=task_id) | TaskCredit(task_id=task_id) if (
                     task_id not in self.sent):
                 return
-        self.loop.send(self.conn_id, encode(msg))
+        payload = encode(msg)
+        if not self.loop.send(self.conn_id, payload):
+            self.unsent.append(payload)
 
     def received(self, msg: Message) -> None:
         match msg:

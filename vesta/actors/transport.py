@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
@@ -77,6 +77,7 @@ class _Peer:
     dialling: int = 0  # conn id of a dial in progress
     next_dial: float = 0.0
     backoff: float = BACKOFF_S
+    retired: set[int] = field(default_factory=set)  # dropped duplicates, read until they end
 
 
 class Transport(VestaActor):
@@ -125,7 +126,8 @@ class Transport(VestaActor):
                 self.links.discovery.tell(message)
             case LinkMessage(fingerprint=fp, conn_id=conn_id):
                 peer = self.peers.get(fp)
-                if peer is not None and peer.conn_id == conn_id and peer.link is not None:
+                if peer is not None and peer.link is not None and (
+                        conn_id == peer.conn_id or conn_id in peer.retired):
                     peer.link.tell(message)
             case ForPeer(fingerprint=fp, msg=msg):
                 self.for_peer(fp, msg)
@@ -183,9 +185,10 @@ class Transport(VestaActor):
         if peer.link is not None:
             # both sides dialled: keep the link the lower fingerprint opened, on both sides alike
             if peer.initiated_by_lower or not by_lower:
-                self.loop.close(up.conn_id)
+                self.loop.retire(up.conn_id)
+                peer.retired.add(up.conn_id)
                 return
-            self.loop.close(peer.conn_id)
+            peer.retired.add(peer.conn_id)  # the PeerLink retires it once it sent its last
             peer.conn_id, peer.initiated_by_lower = up.conn_id, by_lower
             peer.link.tell(up)
             return
@@ -206,6 +209,7 @@ class Transport(VestaActor):
             return
         if peer.dialling == down.conn_id:
             peer.dialling = 0
+        peer.retired.discard(down.conn_id)
         if peer.conn_id != down.conn_id or peer.link is None:
             return
         logger.info("link with %s down: %s", down.fingerprint, down.reason)

@@ -76,6 +76,9 @@ class Conn:
         self.written: Callable[[], object] | None = None  # to call once ``pending`` is written
         self.queued = 0
         self.closing = False  # close once the queue is written
+        self.retiring = False  # once the queue is written, end our side; read until theirs ends
+        self.write_shut = False
+        self.eof = False  # the other side ended its side
         self.last_received = time.monotonic()
         self.last_sent = time.monotonic()
         self.buffer = bytearray(READ_CHUNK)
@@ -146,7 +149,7 @@ class IoLoop(threading.Thread):
         whole frame is in the socket: the sender's flow control hangs on it."""
         with self._lock:
             conn = self._conns.get(conn_id)
-            if conn is None or conn.closing:
+            if conn is None or conn.closing or conn.retiring:
                 return False
             if conn.queued + len(payload) > self.max_queued:
                 logger.warning("connection %d does not read what it is sent; dropping it", conn_id)
@@ -168,6 +171,15 @@ class IoLoop(threading.Thread):
             conn = self._conns.get(conn_id)
             if conn is not None:
                 conn.closing = True
+        self._wake()
+
+    def retire(self, conn_id: int) -> None:
+        """End our side of a connection once what is queued is written, and go on reading (and
+        handing over) what the other side still sends until it ends its side too."""
+        with self._lock:
+            conn = self._conns.get(conn_id)
+            if conn is not None:
+                conn.retiring = True
         self._wake()
 
     def connections(self) -> list[Conn]:
@@ -273,10 +285,16 @@ class IoLoop(threading.Thread):
             if conn.connecting:
                 continue
             if conn.closing and not conn.out and not conn.pending:
-                self._drop(conn.conn_id, "closed")
+                self._drop(conn.conn_id,
+                           "the other side closed the connection" if conn.eof else "closed")
                 continue
+            if conn.retiring and not conn.write_shut and not conn.out and not conn.pending:
+                conn.write_shut = True
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_WR)
             writing = conn.out or conn.pending
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+            events = (0 if conn.eof else selectors.EVENT_READ) | (
+                selectors.EVENT_WRITE if writing else 0)
             if self._selector.get_key(conn.sock).events != events:
                 self._selector.modify(conn.sock, events, ("conn", conn.conn_id))
 
@@ -366,6 +384,10 @@ class IoLoop(threading.Thread):
             self._drop(conn.conn_id, f"the connection failed: {exc.strerror or exc}")
             return
         if n == 0:
+            if conn.out or conn.pending:  # what was queued still goes out (a half-closed peer)
+                conn.eof = True
+                conn.closing = True
+                return
             self._drop(conn.conn_id, "the other side closed the connection")
             return
         conn.last_received = time.monotonic()
