@@ -534,12 +534,6 @@ def test_a_peer_stopped_mid_job_says_so_and_its_part_is_placed_again_at_once(
 STOP_TRIALS = 6
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "a race in the stopping node (vesta/daemon.py _shut_down, Transport.stopping): with no "
-    "local job running, the actors are stopped right after Drain, and the Transport closes "
-    "each peer connection while the PeerLeaving its PeerLink was told to send may still be "
-    "in the PeerLink's inbox; loop.send then refuses it, and the peer hears only the close "
-    "('its link went down'). About one stop in five here, so not strict: most runs pass"))
 def test_a_stopping_peer_is_heard_leaving_before_its_link_closes(lab: Lab) -> None:
     """SPEC: a node that stops says so to its peers first. Each trial starts pi4, links it, and
     stops it with SIGTERM; desk must record the leave with pi4's own reason every time, not

@@ -39,6 +39,7 @@ from vesta.messages import (
     PeerLinked,
     RunTask,
     TaskDone,
+    encode,
 )
 from vesta.transport.crypto import FederationKeys
 from vesta.transport.link import HEARTBEAT_S, Heartbeats, LinkChannel
@@ -131,12 +132,12 @@ class Transport(VestaActor):
                     peer.link.tell(message)
             case ForPeer(fingerprint=fp, msg=msg):
                 self.for_peer(fp, msg)
-            case Drain():
+            case Drain():  # queued on each link now, so it is written before the links close
                 self.draining = True
+                leaving = encode(PeerLeaving("the node is stopping"))
                 for peer in self.peers.values():
-                    if peer.link is not None:
-                        peer.link.tell(ForPeer(peer.fingerprint,
-                                               PeerLeaving("the node is stopping")))
+                    if peer.link is not None and peer.conn_id:
+                        self.loop.send(peer.conn_id, leaving)
             case _:
                 return super().handle(message)
         return None
