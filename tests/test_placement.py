@@ -68,12 +68,8 @@ PLACE_CASES = [
                  id="willingness scales spare"),
     pytest.param(CPU, BUSY, [peer("a", mem_available_mb=1000), peer("b", mem_available_mb=9000)],
                  SPILL, "b", id="memory breaks a tie"),
-    pytest.param(CPU, BUSY, [peer("a", cpu_pct=100.0, free=1)], SPILL, "desk",
-                 id="a peer as busy as the spill line is no better: wait here"),
-    pytest.param(CPU, BUSY, [peer("a", cpu_pct=85.0, cores=16), peer("b", cpu_pct=20.0)], SPILL,
-                 "b", id="a busy peer is skipped even with more idle cores"),
-    pytest.param(Want("cpu", gpu=True), here(), [peer("a", cpu_pct=100.0, gpu=True)], SPILL, "a",
-                 id="a busy peer still takes what nothing else can"),
+    pytest.param(CPU, BUSY, [peer("a", cpu_pct=100.0, free=1)], SPILL, "a",
+                 id="spill to a loaded peer rather than wait"),
     # exec: only to peers whose allow_exec and allowlist accept argv0
     pytest.param(Want("exec", "piwork"), BUSY, [peer("a"), peer("b", allow_exec=True)], SPILL,
                  "b", id="exec skips a peer with exec off"),
@@ -404,11 +400,8 @@ def test_place_picks_only_a_node_that_can_take_the_job(want: Want, local: Candid
                                                        spill: float) -> None:
     node, decisions = place(want, local, peers, spill)
     check_decisions(local, peers, node, decisions)
-    local_can = not unable(local, want)
-    # a peer at or above the spill line is no better than waiting here, when here can take it
-    viable = [p for p in peers if not unable(p, want)
-              and not (local_can and p.cpu_pct >= spill)]
-    stays = local_can and local.cpu_pct < spill and local.free > 0
+    viable = [p for p in peers if not unable(p, want)]
+    stays = not unable(local, want) and local.cpu_pct < spill and local.free > 0
     if node is None:
         # nobody can: this node cannot take it at all, and no peer can
         assert unable(local, want) and not viable

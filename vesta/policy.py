@@ -206,9 +206,8 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
     """Where a job goes, and the decision on every node considered (SPEC's placement rule).
 
     Local unless this node's CPU is at or above ``spill_cpu_pct`` or its workers are all booked;
-    otherwise the peer with the most spare capacity that can take the job and is not at or above
-    the spill line itself; failing any, this node again (the job waits for a worker here) if it
-    can take the job at all, else any peer that can. None when no node can.
+    otherwise the peer with the most spare capacity that can take the job; failing any, this node
+    again (the job waits for a worker here) if it can take the job at all. None when no node can.
     """
     decisions: list[Decision] = []
     local_problem = unable(here, want)
@@ -223,22 +222,15 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
                                f"job stays on {here.name}, the node it was submitted to")
                       for p in peers]
         return here, decisions
-    def problem(peer: Candidate) -> str:
-        # a peer as busy as the spill line is no better than waiting here, which can take it
-        if not local_problem and peer.cpu_pct >= spill_cpu_pct and not unable(peer, want):
-            return (f"{peer.name} is busy too: {peer.cpu_pct:.0f}% CPU, at or above the "
-                    f"{spill_cpu_pct:.0f}% spill line")
-        return unable(peer, want)
-
     best: Candidate | None = None
     for peer in peers:
-        why_not = problem(peer)
-        if why_not:
-            decisions.append(Decision(peer.key, peer.name, 0.0, False, why_not))
+        problem = unable(peer, want)
+        if problem:
+            decisions.append(Decision(peer.key, peer.name, 0.0, False, problem))
         elif best is None or spare(peer) > spare(best):
             best = peer
     for peer in peers:
-        if best is not None and not problem(peer):
+        if best is not None and not unable(peer, want):
             chosen = peer is best
             why = (f"{peer.name} is at {peer.cpu_pct:.0f}% CPU with {peer.free} worker(s) "
                    f"offered: the most spare capacity" if chosen else
@@ -270,10 +262,10 @@ SPLIT_MIN_UNITS = 40
 def split_nodes(want: Want, here: Candidate, peers: Sequence[Candidate],
                 spill_cpu_pct: float) -> list[Candidate]:
     """The nodes a cpu job may split across now: this node while it is below the spill line and
-    has a free worker, and every peer below the line that can take the job."""
+    has a free worker, and every peer that can take the job."""
     nodes = [here] if (not unable(here, want) and here.cpu_pct < spill_cpu_pct
                        and here.free > 0) else []
-    return nodes + [p for p in peers if not unable(p, want) and p.cpu_pct < spill_cpu_pct]
+    return nodes + [p for p in peers if not unable(p, want)]
 
 
 def split_plan(start: int, end: int, weights: Sequence[float]) -> list[tuple[int, int]]:
