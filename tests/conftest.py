@@ -92,6 +92,13 @@ class Daemon:
         return self.proc.wait(timeout)
 
 
+def sigint_as_in_a_shell() -> None:
+    """In a child, before exec: SIGINT back to its default, as for a foreground job at a
+    terminal. A test run started in the background has SIGINT ignored, and a child inherits
+    that, so a test that presses Ctrl-C would press it in vain."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port(kind: int) -> int:
     """A port of loopback that is free now, for TCP or UDP."""
     with socket.socket(socket.AF_INET, kind) as probe:

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import pytest
 
-from tests.conftest import Daemon, python_env, run_cli, wait_for
+from tests.conftest import Daemon, python_env, run_cli, sigint_as_in_a_shell, wait_for
 from vesta.workers.jobs import job_digest, unit_result
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,6 +40,7 @@ class Terminal:
     def __init__(self, *args: str, **popen: object) -> None:
         master, slave = pty.openpty()
         self.master = master
+        popen.setdefault("preexec_fn", sigint_as_in_a_shell)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vesta.apps.cli", *args], stdout=subprocess.PIPE,
             stderr=slave, stdin=subprocess.DEVNULL, env=python_env(), text=True,
@@ -280,7 +281,7 @@ def test_ctrl_c_cancels_the_job_everywhere(daemon: Daemon) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vesta.apps.cli", "--socket", daemon.socket, "exec", "--",
          "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=python_env(),
+        env=python_env(), preexec_fn=sigint_as_in_a_shell,
     )
     wait_for(lambda: any(p.name() == "sleep" for p in daemon.descendants()),
              what="the command to start")
