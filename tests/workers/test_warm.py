@@ -229,7 +229,7 @@ def hold_the_lock(conn: Connection) -> None:
     counter = jobs.UnitCounter(reduction.recv_handle(conn))
     fcntl.lockf(counter.fd, fcntl.LOCK_EX)
     conn.send("locked")
-    signal.pause()  # until the test kills it
+    time.sleep(60)
 
 
 def test_a_worker_killed_holding_the_counter_does_not_stop_its_siblings() -> None:
