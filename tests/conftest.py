@@ -165,11 +165,18 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield factory
     for d in started:
         children = d.descendants()
+        stuck = False
         if d.proc.poll() is None:
-            d.stop()
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:  # kill it, so that nothing outlives the test run
+                stuck = True
+                d.proc.kill()
+                d.proc.wait(10)
         _gone, alive = psutil.wait_procs(children, timeout=10)
         for p in alive:
             p.kill()
+        assert not stuck, f"vestad {d.name} did not stop on SIGTERM within 20 s"
         assert not alive, f"processes outlived vestad {d.name}: {alive}"
         Path(d.socket).unlink(missing_ok=True)
         # the node's job space: what a daemon killed with kill -9 leaves for its next start

@@ -395,3 +395,54 @@ def test_a_draining_executor_refuses_new_tasks(wiring: Wiring) -> None:
 
     assert not done.ok and "stopping" in done.error
     assert not worker_processes()
+
+
+# -- warm job processes ----------------------------------------------------------------------------
+
+
+def worker_pid(probe: ProbeHandle, task_id: str) -> int:
+    """The job process an exec task ran in: its command printed ``$PPID`` first."""
+    return int(first_line(probe, task_id))
+
+
+def test_tasks_run_one_after_another_in_a_warm_process_of_their_pool(
+    wiring: Wiring, job_id: str
+) -> None:
+    ref = start_executor(wiring)
+    pids = {}
+    for task_id, lend in (("l1", False), ("p1", True), ("l2", False), ("p2", True)):
+        ref.tell(RunTask(task_id, job_id, ExecJob(["sh", "-c", "echo $PPID"]), 0, 1, lend))
+        assert done_of(wiring.autopilot, task_id).ok
+        pids[task_id] = worker_pid(wiring.autopilot, task_id)
+
+    assert pids["l1"] == pids["l2"], "local work reuses the local process"
+    assert pids["p1"] == pids["p2"], "lent work reuses the lent process"
+    assert pids["l1"] != pids["p1"], "and the two are never mixed"
+    assert {p.pid for p in worker_processes()} == {pids["l1"], pids["p1"]}
+
+
+def test_a_cancelled_tasks_process_is_not_reused(
+    wiring: Wiring, job_id: str, workdirs: list[str]
+) -> None:
+    ref = start_executor(wiring)
+    ref.tell(RunTask("t1", job_id, ExecJob(["sh", "-c", "echo $PPID"]), 0, 1))
+    assert done_of(wiring.autopilot, "t1").ok
+    warm = worker_pid(wiring.autopilot, "t1")
+    ref.tell(RunTask("t2", job_id, ExecJob(["sh", "-c", "echo $PPID; pwd; exec sleep 60"]), 0, 1))
+
+    def started() -> list[str]:
+        lines = output_of(wiring.autopilot, "t2").decode().split()
+        return lines if len(lines) >= 2 else []
+
+    pid, workdir = wait_for(started, what="the long command to start")[:2]
+    workdirs.append(workdir)
+    assert int(pid) == warm
+
+    ref.tell(CancelTask("t2"))
+    assert done_of(wiring.autopilot, "t2").cancelled
+    ref.tell(RunTask("t3", job_id, ExecJob(["sh", "-c", "echo $PPID"]), 0, 1))
+    assert done_of(wiring.autopilot, "t3").ok
+
+    assert worker_pid(wiring.autopilot, "t3") != warm
+    wait_for(lambda: warm not in {p.pid for p in worker_processes()}, timeout=5,
+             what="the cancelled task's process to end")

@@ -6,10 +6,8 @@ No job process is started here; ``run_cpu`` is fed a plain pipe in this process.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import stat
-import threading
 from multiprocessing import Pipe
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from vesta.policy import split_units
 from vesta.workers.jobs import (
     UNIT_ITERATIONS,
+    UnitCounter,
     job_digest,
     resolve_command,
     run_cpu,
@@ -46,19 +45,16 @@ def test_unit_result_follows_the_spec() -> None:
 def run_units(start: int, end: int, seed: int) -> dict[int, bytes]:
     """What one cpu task reports for units [start, end), read from the pipe it writes to."""
     reader, writer = Pipe(duplex=False)
-    run_cpu(writer, {"seed": seed, "start": start, "end": end})
+    assert run_cpu(writer, {"seed": seed, "start": start, "end": end}) == (0, "", {})
     writer.close()
     units: dict[int, bytes] = {}
     while True:
-        msg = reader.recv()
-        if msg[0] == "done":
-            assert msg == ("done", 0, "", {})
+        try:
+            kind, batch = reader.recv()
+        except EOFError:
             break
-        kind, batch = msg
         assert kind == "units" and batch and not units.keys() & batch.keys()
         units.update(batch)
-    with pytest.raises(EOFError):  # nothing after "done"
-        reader.recv()
     reader.close()
     return units
 
@@ -143,26 +139,25 @@ def test_absolute_path(dirs: tuple[Path, Path, str], tmp_path: Path) -> None:
     assert resolve_command("/no/such/tool", str(workdir), path) is None
 
 
-def test_workers_sharing_a_counter_take_each_unit_once() -> None:
-    """Two workers pull from one counter: together they do every unit, none twice."""
-    counter = multiprocessing.get_context("forkserver").Value("q", 3)
-    pipes = [Pipe(duplex=False) for _ in range(2)]
-    workers = [
-        threading.Thread(target=run_cpu, args=(writer, {"seed": 1, "start": 3, "end": 11,
-                                                        "next": counter}))
-        for _, writer in pipes
-    ]
-    for w in workers:
-        w.start()
-    taken: list[set[int]] = []
-    for reader, writer in pipes:
-        units: set[int] = set()
-        while (msg := reader.recv())[0] != "done":
-            units |= msg[1].keys()
-        taken.append(units)
-        writer.close()
-    for w in workers:
-        w.join(30)
-    assert not taken[0] & taken[1]
-    assert taken[0] | taken[1] == set(range(3, 11))
-    assert counter.value == 11
+def test_a_unit_counter_hands_out_each_unit_once() -> None:
+    counter = UnitCounter.create(3)
+    try:
+        assert counter.value == 3
+        assert [counter.take(5), counter.take(5), counter.take(5), counter.take(5)] == [
+            3, 4, None, None]
+        assert counter.value == 5
+    finally:
+        counter.close()
+
+
+def test_a_unit_counter_is_the_same_through_another_descriptor() -> None:
+    """What a worker holds is a copy of the descriptor, passed over its pipe."""
+    counter = UnitCounter.create(0)
+    copy = UnitCounter(os.dup(counter.fd))
+    try:
+        assert copy.take(10) == 0
+        assert counter.take(10) == 1
+        assert copy.value == counter.value == 2
+    finally:
+        copy.close()
+        counter.close()

@@ -54,10 +54,11 @@ def test_own_cgroup_dir(cgroups: str, mountinfo: str, expected: str | None) -> N
 
 @pytest.fixture
 def spaces() -> Iterator[list[JobSpace]]:
-    """Job spaces a test opened; each is closed after it, so no later test inherits one."""
+    """Job spaces a test opened; each is closed after it, so no later test inherits one (last
+    opened first: each gives multiprocessing back the temp directory it replaced)."""
     opened: list[JobSpace] = []
     yield opened
-    for space in opened:
+    for space in reversed(opened):
         space.close()
     assert supervisor._space is None
 

@@ -3,10 +3,17 @@
 Job processes come from a ``forkserver`` preloaded with :mod:`vesta.workers.jobs`: the daemon has
 threads, and forking it could hand a child a lock some thread held. The fork server is a fresh
 interpreter with one thread, started on the first job (an idle daemon pays nothing for it), and
-every job process is forked from it. Each worker is one ``Process`` with a one-way ``Pipe``,
-watched through its pipe and its ``sentinel`` with ``multiprocessing.connection.wait``, so any
-single worker can be killed without disturbing the others. The thread reports what happens as
-messages to its actor.
+every job process is forked from it. Each worker is one ``Process`` with a ``Pipe``, watched
+through its pipe and its ``sentinel`` with a selector, so any single worker can be killed
+without disturbing the others. The thread reports what happens as messages
+to its actor.
+
+Workers are kept warm: forking one and setting it up costs tens of milliseconds, more than a
+small command takes to run, so a worker that has run a task waits on its pipe for the next one
+of its pool (local or lent) and retires after a while idle. What the actor sees does not change:
+it starts a piece of a task under a worker id, may kill or credit it, and hears its units, output
+and end (:class:`WorkerExited`, sent once the piece is done and cleaned up, whether its process
+stays or not).
 
 The daemon claims a :class:`JobSpace` for its node at start: a private temp directory for
 multiprocessing's files and the exec working directories (so that nothing piles up in /tmp after
@@ -22,6 +29,8 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
+import selectors
 import shutil
 import signal
 import socket
@@ -30,8 +39,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import send_handle
 from typing import Any
 
 from vesta import exits
@@ -67,6 +77,13 @@ def job_context() -> Any:
 
 #: Seconds an exec worker gets to clean up after SIGTERM before it is killed.
 TERM_GRACE = 2.0
+#: Seconds a job process waits for another task before it retires.
+IDLE_SECONDS = 30.0
+#: Seconds before credit that found a job process's pipe full is tried again.
+CREDIT_RETRY = 0.01
+#: The kinds of task whose process stays for the next one. Stress pins its process to one core
+#: and is rare: each run gets a fresh process.
+WARM_KINDS = frozenset({"cpu", "mem", "exec"})
 
 
 def stop_job_servers() -> None:
@@ -111,14 +128,18 @@ class JobSpace:
         if self.cgroup is None:
             return None
         path = os.path.join(self.cgroup, worker_id)
-        for directory in (self.cgroup, path):
+        try:
             try:
-                os.mkdir(directory)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                logger.warning("cannot create the cgroup %s: %s", directory, exc)
-                return None
+                os.mkdir(path)
+            except FileNotFoundError:  # the first command's: its parent first
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.cgroup)
+                os.mkdir(path)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot create the cgroup %s: %s", path, exc)
+            return None
         return path
 
     def close(self) -> None:
@@ -282,29 +303,59 @@ def _unescape(field: str) -> str:
 
 @dataclass
 class _Worker:
+    """One job process and the daemon's end of its pipe, warm or not."""
+
+    process: Any
+    conn: Connection
+    lend: bool
+    warm: bool  # whether it waits for another task once its task is done
+    piece: _Piece | None = None  # what it runs now; None while idle
+    idle_since: float = 0.0
+    ending: bool = False  # killed or retired: it takes no more tasks
+
+
+@dataclass
+class _Piece:
+    """One piece of a task, known to the executor by its worker id, running in a worker."""
+
     worker_id: str
     kind: str
-    process: Any
-    reader: Connection
-    kill_at: float | None = None  # when a worker asked to stop gets SIGKILL
+    worker: _Worker
+    kill_at: float | None = None  # when an exec piece asked to stop gets SIGKILL
     share: str | None = None  # the group whose unit counter it shares
     cgroup: str | None = None  # an exec command's own cgroup
     pgid: int | None = None
-    done: tuple[int, str, dict[str, Any]] | None = None
-    units: dict[int, bytes] = field(default_factory=dict)
+    credit: int = 0  # output credit not yet sent to its process
 
 
 class Supervisor(threading.Thread):
-    """Owns every job process. Its methods may be called from any thread; they never block."""
+    """Owns every job process. Its methods may be called from any thread; they never block.
 
-    def __init__(self, report: Callable[[Message], object], space: JobSpace | None = None) -> None:
+    A job process that has run a cpu, mem or exec task stays, blocked on its pipe, and takes the
+    next task of its pool: local work and lent work have a pool each, because a process that
+    lent its CPU at nice 19 and ``SCHED_IDLE`` may not take normal priority back. A process idle
+    for ``idle_seconds`` retires, so a daemon with nothing to do keeps no job process. A process
+    whose task was killed, or failed inside the job code, is never reused; stress always gets a
+    fresh process.
+    """
+
+    def __init__(self, report: Callable[[Message], object], space: JobSpace | None = None,
+                 idle_seconds: float = IDLE_SECONDS) -> None:
         super().__init__(name="vesta-supervisor", daemon=True)
         self.report = report
         self.space = space if space is not None else _space
+        self.idle_seconds = idle_seconds
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._workers: dict[str, _Worker] = {}
-        self._counters: dict[str, Any] = {}  # share group -> shared unit counter
+        self._wake_w.setblocking(False)  # one byte waiting is wake-up enough: never block on it
+        # what the thread waits on: the wake-up socket, every job process's sentinel, and the
+        # pipe of every process running a piece
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._workers: list[_Worker] = []  # every live job process
+        self._idle: dict[bool, list[_Worker]] = {False: [], True: []}  # lend -> idle, last on top
+        self._pieces: dict[str, _Piece] = {}  # worker id -> the piece it runs
+        self._counters: dict[str, jobs.UnitCounter] = {}  # share group -> its unit counter
         self._closing = False
 
     # -- called from other threads -----------------------------------------------------------------
@@ -338,15 +389,14 @@ class Supervisor(threading.Thread):
                     self._run_commands()
                     if self._closing and not self._workers:
                         break
-                    watched: list[Any] = [self._wake_r]
-                    for w in self._workers.values():
-                        watched += [w.reader, w.process.sentinel]
-                    for ready in wait(watched, timeout=self._kill_overdue()):
-                        self._on_ready(ready)
+                    self._send_credits()
+                    for key, _ in self._selector.select(self._timers()):
+                        self._on_ready(key.data)
                 except Exception:  # one bad round must not stop every later job
                     logger.exception("the job supervisor hit an error; it goes on")
                     time.sleep(0.1)  # and does not spin if the error repeats
         finally:
+            self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -360,148 +410,244 @@ class Supervisor(threading.Thread):
                 case ("start", worker_id, kind, params, lend):
                     self._start(worker_id, kind, params, lend)
                 case ("kill", worker_id):
-                    if worker_id in self._workers:
-                        self._kill(self._workers[worker_id])
+                    if worker_id in self._pieces:
+                        self._kill(self._pieces[worker_id])
                 case ("credit", worker_id, size):
-                    if worker_id in self._workers:
-                        with contextlib.suppress(OSError, ValueError):
-                            self._workers[worker_id].reader.send(("credit", size))
+                    if worker_id in self._pieces:
+                        self._pieces[worker_id].credit += size
                 case ("close",):
                     self._closing = True
-                    for worker in self._workers.values():
-                        self._kill(worker)
+                    for piece in list(self._pieces.values()):
+                        self._kill(piece)
+                    for idle in self._idle.values():
+                        while idle:
+                            self._end(idle.pop())
 
     def _start(self, worker_id: str, kind: str, params: dict[str, Any], lend: bool) -> None:
         if self._closing:
             self.report(WorkerExited(worker_id, 1, "the daemon is stopping"))
             return
-        ctx = job_context()
         share = params.get("share")
-        try:
-            if share is not None:
-                # one counter per group, created here rather than in an actor (the first one
-                # starts multiprocessing's resource tracker) and held until the group has ended:
-                # dropping it early would unlink its lock before the workers open it
-                if share not in self._counters:
-                    self._counters[share] = ctx.Value("q", params["start"])
-                params = {**params, "next": self._counters[share]}
-            # exec workers hear their output credits back over the same pipe
-            reader, writer = ctx.Pipe(duplex=kind == "exec")
-        except OSError as exc:  # out of file descriptors, say
-            self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
-            return
         cgroup = None
-        if kind == "exec" and self.space is not None:
-            cgroup = self.space.job_cgroup(worker_id)
-            params = {**params, "tmpdir": self.space.tmpdir, "cgroup": cgroup}
-        process = ctx.Process(
-            target=jobs.run, args=(writer, kind, params, lend), name=f"vesta-{kind}", daemon=True
-        )
+        try:
+            if share is not None and share not in self._counters:
+                # one counter per group, held until the group has ended
+                self._counters[share] = jobs.UnitCounter.create(params["start"])
+            if kind == "exec" and self.space is not None:
+                cgroup = self.space.job_cgroup(worker_id)
+                home = os.path.dirname(self.space.cgroup) if self.space.cgroup else None
+                params = {**params, "tmpdir": self.space.tmpdir, "cgroup": cgroup,
+                          "home_cgroup": home}
+            worker = self._take_idle(lend) if kind in WARM_KINDS else None
+            if worker is None or not self._assign(worker, worker_id, kind, params, cgroup):
+                worker = self._spawn(kind, lend)
+                if not self._assign(worker, worker_id, kind, params, cgroup):
+                    raise OSError("the new job process closed its pipe")
+        except Exception as exc:  # out of file descriptors; the fork server cannot fork
+            logger.error("cannot start a %s worker: %s", kind, exc)
+            self._release(share, cgroup)
+            self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
+
+    def _take_idle(self, lend: bool) -> _Worker | None:
+        """The idle process of the pool that ran last, if any is left alive."""
+        idle = self._idle[lend]
+        while idle:
+            worker = idle.pop()
+            if not wait([worker.process.sentinel], 0):
+                return worker
+            self._reap(worker)  # it died while idle
+        return None
+
+    def _spawn(self, kind: str, lend: bool) -> _Worker:
+        """A new job process from the fork server, waiting for its first task."""
+        ctx = job_context()
+        conn, theirs = ctx.Pipe(duplex=True)  # a socket pair: it may carry file descriptors
+        process = ctx.Process(target=jobs.serve, args=(theirs, lend), name="vesta-job",
+                              daemon=True)
         try:
             process.start()
-        except Exception as exc:  # the fork server could not start or fork
-            logger.error("cannot start a %s worker: %s", kind, exc)
-            reader.close()
-            if cgroup is not None:
-                jobs.kill_cgroup(cgroup)
-            self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
-            return
+        except BaseException:
+            conn.close()
+            raise
         finally:
-            writer.close()
-        self._workers[worker_id] = _Worker(worker_id, kind, process, reader, share=share,
-                                           cgroup=cgroup)
+            theirs.close()
+        worker = _Worker(process, conn, lend, warm=kind in WARM_KINDS)
+        self._workers.append(worker)
+        self._selector.register(process.sentinel, selectors.EVENT_READ, (worker, "ended"))
+        return worker
 
-    def _on_ready(self, ready: Any) -> None:
-        if ready is self._wake_r:
+    def _assign(self, worker: _Worker, worker_id: str, kind: str, params: dict[str, Any],
+                cgroup: str | None) -> bool:
+        """Hand a piece to a waiting process; False (and the process ends) if it is gone."""
+        share = params.get("share")
+        piece = _Piece(worker_id, kind, worker, share=share, cgroup=cgroup)
+        try:
+            worker.conn.send(("task", kind, params))
+            if share is not None:
+                send_handle(worker.conn, self._counters[share].fd, worker.process.pid)
+        except (OSError, ValueError):
+            self._end(worker)
+            return False
+        worker.piece = piece
+        self._pieces[worker_id] = piece
+        self._selector.register(worker.conn, selectors.EVENT_READ, (worker, "report"))
+        return True
+
+    def _on_ready(self, what: tuple[_Worker, str] | None) -> None:
+        if what is None:  # the wake-up socket: commands are waiting
             self._wake_r.recv(4096)
             return
-        for worker in list(self._workers.values()):
-            if ready is worker.reader:
-                self._read(worker)
-                self._flush_units(worker)
-            elif ready == worker.process.sentinel:
-                while self._read(worker):
-                    pass
-                self._flush_units(worker)
-                self._reap(worker)
+        worker, event = what
+        if worker not in self._workers:  # reaped earlier in this round
+            return
+        if event == "report":
+            self._read(worker, ready=True)
+        else:  # it ended: what it sent before goes first
+            while worker.piece is not None and self._read(worker):
+                pass
+            self._reap(worker)
 
-    def _read(self, worker: _Worker) -> bool:
-        """Take one report from the worker's pipe; False when there is none (or it closed)."""
+    def _read(self, worker: _Worker, ready: bool = False) -> bool:
+        """Take one report from the worker's pipe (known to be readable if ``ready``); False
+        when there is none (or it closed)."""
+        piece = worker.piece
         try:
-            if not worker.reader.poll():
+            if piece is None or not (ready or worker.conn.poll()):
                 return False
-            event = worker.reader.recv()
+            event = worker.conn.recv()
         except (EOFError, OSError):
             return False
         match event:
             case ("units", dict(units)):
-                worker.units.update(units)
+                self.report(WorkerUnits(piece.worker_id, units))
             case ("out", str(stream), bytes(data)):
-                self.report(WorkerOutput(worker.worker_id, stream, data))
+                self.report(WorkerOutput(piece.worker_id, stream, data))
             case ("pgid", int(pgid)):
-                worker.pgid = pgid
-            case ("done", int(code), str(error), dict(detail)):
-                worker.done = (code, error, detail)
+                piece.pgid = pgid
+            case ("done", int(code), str(error), dict(detail), bool(reusable)):
+                self._done(worker, piece, WorkerExited(piece.worker_id, code, error, detail),
+                           reusable)
             case _:
-                logger.warning("worker %s sent an unknown report %r", worker.worker_id, event)
+                logger.warning("worker %s sent an unknown report %r", piece.worker_id, event)
         return True
 
-    def _flush_units(self, worker: _Worker) -> None:
-        if worker.units:
-            self.report(WorkerUnits(worker.worker_id, worker.units))
-            worker.units = {}
+    def _done(self, worker: _Worker, piece: _Piece, exited: WorkerExited,
+              reusable: bool) -> None:
+        """A piece ended and its process cleaned up after it: report it, and keep the process
+        for the next task of its pool or end it."""
+        worker.piece = None
+        self._selector.unregister(worker.conn)
+        del self._pieces[piece.worker_id]
+        self._release(piece.share, piece.cgroup)
+        self.report(exited)
+        if worker.warm and reusable and not worker.ending and not self._closing:
+            worker.idle_since = time.monotonic()
+            self._idle[worker.lend].append(worker)
+        else:
+            self._end(worker)
+
+    def _release(self, share: str | None, cgroup: str | None) -> None:
+        """Drop a group's unit counter once no piece of it runs; remove a command's cgroup
+        (its process normally has: then this finds nothing to do)."""
+        if share is not None and not any(p.share == share for p in self._pieces.values()):
+            counter = self._counters.pop(share, None)
+            if counter is not None:
+                counter.close()
+        if cgroup is not None and not jobs.kill_cgroup(cgroup, wait=0.2):
+            logger.warning("cannot remove the cgroup %s; it goes when the daemon stops", cgroup)
 
     def _reap(self, worker: _Worker) -> None:
+        """A job process ended: forget it, and report its piece if it died running one."""
         worker.process.join(1.0)
-        worker.reader.close()
-        del self._workers[worker.worker_id]
-        if worker.share is not None and not any(
-            w.share == worker.share for w in self._workers.values()
-        ):
-            self._counters.pop(worker.share, None)
-        if worker.pgid is not None and worker.done is None:  # it died before cleaning up
-            exits.kill_group(worker.pgid)
-        if worker.cgroup is not None and not jobs.kill_cgroup(worker.cgroup, wait=0.2):
-            logger.warning("cannot remove the cgroup %s; it goes when the daemon stops",
-                           worker.cgroup)
-        if worker.done is not None:
-            code, error, detail = worker.done
-        else:
+        self._selector.unregister(worker.process.sentinel)
+        piece, worker.piece = worker.piece, None
+        if piece is not None:
+            self._selector.unregister(worker.conn)
+        worker.conn.close()
+        self._workers.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._idle[worker.lend].remove(worker)
+        if piece is not None:
+            del self._pieces[piece.worker_id]
+            if piece.pgid is not None:  # it died before cleaning up
+                exits.kill_group(piece.pgid)
+            self._release(piece.share, piece.cgroup)
             status = worker.process.exitcode
             code = exits.from_returncode(status) if status is not None and status < 0 else 1
             killed = status is not None and status < 0
             how = f"was killed by signal {-status}" if killed else f"exited with status {status}"
-            error = f"the job process {how} before it finished"
-            detail = {}
+            self.report(WorkerExited(piece.worker_id, code,
+                                     f"the job process {how} before it finished", {}))
         with contextlib.suppress(ValueError):
             worker.process.close()
-        self.report(WorkerExited(worker.worker_id, code, error, detail))
 
-    def _kill(self, worker: _Worker) -> None:
-        """Stop a worker: an exec worker first gets SIGTERM to clean up after its command."""
-        if worker.pgid is not None:
-            exits.kill_group(worker.pgid)
-        if worker.cgroup is not None:
-            jobs.kill_cgroup(worker.cgroup, wait=0.0)
-        if worker.kind == "exec" and worker.kill_at is None:
-            worker.kill_at = time.monotonic() + TERM_GRACE
+    def _kill(self, piece: _Piece) -> None:
+        """Stop a piece, and its process with it: an exec worker first gets SIGTERM to clean up
+        after its command."""
+        worker = piece.worker
+        worker.ending = True
+        if piece.pgid is not None:  # the command runs, and its worker has left its cgroup
+            exits.kill_group(piece.pgid)
+            if piece.cgroup is not None:
+                jobs.kill_cgroup(piece.cgroup, wait=0.0)
+        if piece.kind == "exec" and piece.kill_at is None:
+            piece.kill_at = time.monotonic() + TERM_GRACE
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 os.kill(worker.process.pid, signal.SIGTERM)
             return
+        self._end(worker)
+
+    def _end(self, worker: _Worker) -> None:
+        """SIGKILL a process that is to take no more tasks; it is reaped when its sentinel
+        fires."""
+        worker.ending = True
         with contextlib.suppress(OSError, ValueError, AttributeError):
             worker.process.kill()
 
-    def _kill_overdue(self) -> float | None:
-        """SIGKILL workers whose grace is over; return the seconds until the next one's is."""
+    def _send_credits(self) -> None:
+        """Send each piece the output credit it was given, summed, where its pipe has room.
+
+        The supervisor never blocks on a job process: one that writes its output in small pieces
+        gets a credit for each, and a process blocked on sending its output does not read them;
+        a blocking send here would then wait for it while it waits for this thread to read.
+        A Unix socket polls writable only with room for far more than one small message.
+        """
+        for piece in self._pieces.values():
+            if piece.credit and _writable(piece.worker.conn):
+                with contextlib.suppress(OSError, ValueError):
+                    piece.worker.conn.send(("credit", piece.credit))
+                piece.credit = 0
+
+    def _timers(self) -> float | None:
+        """SIGKILL pieces whose grace is over and retire processes idle for too long; return the
+        seconds until the next of either is due."""
         now = time.monotonic()
         pending = []
-        for worker in self._workers.values():
-            if worker.kill_at is None:
+        for piece in self._pieces.values():
+            if piece.credit:
+                pending.append(CREDIT_RETRY)  # its pipe was full: try again soon
+            if piece.kill_at is None:
                 continue
-            if worker.kill_at <= now:
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    worker.process.kill()
+            if piece.kill_at <= now:
+                self._end(piece.worker)
             else:
-                pending.append(worker.kill_at - now)
+                pending.append(piece.kill_at - now)
+        for idle in self._idle.values():
+            for worker in list(idle):
+                retire_at = worker.idle_since + self.idle_seconds
+                if retire_at <= now:
+                    idle.remove(worker)
+                    self._end(worker)
+                else:
+                    pending.append(retire_at - now)
         return min(pending) if pending else None
 
+
+def _writable(conn: Connection) -> bool:
+    """Whether a send on ``conn`` would not block now."""
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLOUT)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
