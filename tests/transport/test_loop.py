@@ -173,3 +173,60 @@ def test_timers_and_calls_run_in_the_loop_thread(loop: IoLoop) -> None:
     loop.call(lambda: seen.append("now"))
     wait_for(lambda: len(seen) == 2, timeout=10, what="the timer")
     assert seen == ["now", loop.name]
+
+
+def _linked(loop: IoLoop, max_frame: int = 4 << 20) -> tuple[Recorder, Recorder, int]:
+    """A server and a client channel on one loop, connected; the client's connection id."""
+    server = Recorder(max_frame)
+    listener = _tcp_listener()
+    loop.listen(listener, lambda sock, address: server)
+    client = Recorder(max_frame)
+    opened = threading.Event()
+    client.opened = lambda conn: opened.set()  # type: ignore[method-assign]
+    conn_id = loop.connect(listener.getsockname(), client)
+    assert opened.wait(10), "the connection did not open"
+    loop.unlisten(listener)
+    listener.close()
+    return server, client, conn_id
+
+
+def test_frames_queued_together_arrive_in_order_each_reported_written(loop: IoLoop) -> None:
+    """Frames of every size, queued faster than they are written, go out in batches: each
+    frame's written-callback comes in order, and only once all of it is in the socket."""
+    server, _client, conn_id = _linked(loop)
+    sizes = [0, 1, 100, 65_536, 1 << 20, 3, 300_000, 7] * 8
+    payloads = [secrets.token_bytes(size) for size in sizes]
+    written: list[int] = []
+    for i, payload in enumerate(payloads):
+        assert loop.send(conn_id, payload, plain=i % 2 == 0,
+                         written=lambda i=i: written.append(i))  # type: ignore[misc]
+    wait_for(lambda: len(server.frames) == len(payloads), timeout=20, what="every frame")
+    assert server.frames == payloads
+    assert written == list(range(len(payloads)))
+
+
+def test_an_empty_frame_is_written_and_the_loop_goes_on(loop: IoLoop) -> None:
+    server, _client, conn_id = _linked(loop)
+    for payload in (b"", b"after"):
+        assert loop.send(conn_id, payload, plain=True)
+    wait_for(lambda: len(server.frames) == 2, timeout=10, what="both frames")
+    assert server.frames == [b"", b"after"]
+    conn = next(c for c in loop.connections() if c.conn_id == conn_id)
+    wait_for(lambda: not conn.pending, timeout=10, what="nothing left to write")
+
+
+def test_a_buffer_grown_for_large_frames_shrinks_once_they_stop(
+        loop: IoLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vesta.transport import loop as loop_module
+    monkeypatch.setattr(loop_module, "KEEP_GROWN_S", 0.0)
+    server, _client, conn_id = _linked(loop)
+    big = secrets.token_bytes(3 << 20)
+    assert loop.send(conn_id, big)
+    wait_for(lambda: server.frames, timeout=10, what="the large frame")
+    (accepted,) = [c for c in loop.connections() if c.channel is server]
+    assert server.frames == [big]
+    assert loop.send(conn_id, b"small")
+    wait_for(lambda: len(server.frames) == 2, timeout=10, what="the small frame")
+    wait_for(lambda: len(accepted.buffer) == loop_module.READ_BUFFER, timeout=10,
+             what="the buffer to shrink back")
+    assert server.frames[1] == b"small"

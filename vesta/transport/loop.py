@@ -7,7 +7,9 @@ limits, its handshake and cipher state and what to do with what arrives: frames 
 sealed here, off the actors' threads. What an actor sends is queued with :meth:`IoLoop.send` from
 any thread and written (sealed at that moment, so counter nonces stay in order) when the socket
 is writable. A connection whose queue passes a cap is dropped, so a client or peer that stops
-reading cannot make the daemon hoard memory. Reads go into a buffer reused across frames.
+reading cannot make the daemon hoard memory. Reads go into a buffer reused across frames: it
+grows to hold a large frame and stays grown while large frames keep coming (a fresh megabyte
+costs more in page faults than sealing it), and shrinks back once they stop.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import errno
 import heapq
 import itertools
 import logging
+import mmap
 import selectors
 import socket
 import threading
@@ -31,8 +34,17 @@ logger = logging.getLogger(__name__)
 
 #: Queued output beyond which a connection that does not read is dropped.
 MAX_QUEUED_BYTES = 64 << 20
-#: Bytes read from a socket at a time when no large frame is pending.
-READ_CHUNK = 1 << 16
+#: A connection's read buffer: frames up to this size (and several smaller ones) fit in it.
+#: Its pages are mapped as they are first written: a connection of small messages uses one.
+READ_BUFFER = 1 << 20
+#: Reads in a row while each fills the buffer, before the loop serves the others again.
+DRAIN_READS = 4
+#: Seconds a read buffer grown for a large frame is kept after the last one.
+KEEP_GROWN_S = 2.0
+#: Queued frames are wrapped and written together up to this many bytes (one ``sendmsg``).
+WRITE_BATCH = 1 << 20
+#: ... and this many frames (two buffers each; the kernel takes at most 1024 per call).
+WRITE_BATCH_FRAMES = 64
 
 
 class Channel:
@@ -73,7 +85,9 @@ class Conn:
         self.connecting = False
         self.out: deque[tuple[bytes, bool, Callable[[], object] | None]] = deque()  # not wrapped
         self.pending: deque[memoryview] = deque()  # wrapped bytes not yet fully written
-        self.written: Callable[[], object] | None = None  # to call once ``pending`` is written
+        self.pending_bytes = 0
+        # the callbacks of wrapped frames: each with the byte count in ``pending`` once it is out
+        self.written: deque[tuple[int, Callable[[], object]]] = deque()
         self.queued = 0
         self.closing = False  # close once the queue is written
         self.retiring = False  # once the queue is written, end our side; read until theirs ends
@@ -81,8 +95,9 @@ class Conn:
         self.eof = False  # the other side ended its side
         self.last_received = time.monotonic()
         self.last_sent = time.monotonic()
-        self.buffer = bytearray(READ_CHUNK)
+        self.buffer = _buffer(READ_BUFFER)
         self.filled = 0
+        self.grown_at = 0.0  # when the buffer last grew, or was found too small
 
 
 class IoLoop(threading.Thread):
@@ -100,6 +115,8 @@ class IoLoop(threading.Thread):
         self._timer_ids = itertools.count()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False  # a wake-up byte is on its way: a burst of sends needs only one
         self._stopping = False
 
     # -- any thread --------------------------------------------------------------------------------
@@ -194,6 +211,9 @@ class IoLoop(threading.Thread):
             self.join(timeout)
 
     def _wake(self) -> None:
+        if self._woken:
+            return
+        self._woken = True
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
@@ -228,6 +248,7 @@ class IoLoop(threading.Thread):
             if kind == "wake":
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(4096)
+                self._woken = False  # before this round looks at the queues: none is missed
             elif kind == "listen":
                 self._accept(key.fileobj, data)  # type: ignore[arg-type]
             elif kind == "dgram":
@@ -274,6 +295,7 @@ class IoLoop(threading.Thread):
             conn.queued = 0
         chunks: list[bytes | memoryview] = list(conn.pending)
         conn.pending.clear()
+        conn.pending_bytes = 0
         for payload, plain, _written in payloads:
             chunks += _plain_frame(payload) if plain else conn.channel.wrap(payload)
         return chunks
@@ -375,27 +397,33 @@ class IoLoop(threading.Thread):
             self._read(conn)
 
     def _read(self, conn: Conn) -> None:
-        view = memoryview(conn.buffer)
-        try:
-            n = conn.sock.recv_into(view[conn.filled:])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(conn.conn_id, f"the connection failed: {exc.strerror or exc}")
-            return
-        if n == 0:
-            if conn.out or conn.pending:  # what was queued still goes out (a half-closed peer)
-                conn.eof = True
-                conn.closing = True
+        """Read what the socket holds, a buffer at a time, up to a few times while it fills the
+        buffer (a fast sender), and hand over the frames."""
+        for _ in range(DRAIN_READS):
+            space = len(conn.buffer) - conn.filled
+            try:
+                with memoryview(conn.buffer) as view:
+                    n = conn.sock.recv_into(view[conn.filled:])
+            except (BlockingIOError, InterruptedError):
                 return
-            self._drop(conn.conn_id, "the other side closed the connection")
-            return
-        conn.last_received = time.monotonic()
-        if conn.closing:
-            conn.filled = 0  # what a closing connection still sends is not read any more
-            return
-        conn.filled += n
-        self._frames(conn)
+            except OSError as exc:
+                self._drop(conn.conn_id, f"the connection failed: {exc.strerror or exc}")
+                return
+            if n == 0:
+                if conn.out or conn.pending:  # what was queued still goes out (half-closed)
+                    conn.eof = True
+                    conn.closing = True
+                    return
+                self._drop(conn.conn_id, "the other side closed the connection")
+                return
+            conn.last_received = time.monotonic()
+            if conn.closing:
+                conn.filled = 0  # what a closing connection still sends is not read any more
+                return
+            conn.filled += n
+            self._frames(conn)
+            if n < space or conn.conn_id not in self._conns:
+                return
 
     def _frames(self, conn: Conn) -> None:
         """Hand every complete frame in the buffer to the channel; keep the rest."""
@@ -409,12 +437,15 @@ class IoLoop(threading.Thread):
                                      f"{conn.channel.max_frame}-byte limit")
                 end = start + HEADER.size + size
                 if end > len(conn.buffer):  # a large frame: make room for all of it
-                    head = bytes(view[start:conn.filled])
-                    view.release()
-                    conn.buffer = bytearray(max(HEADER.size + size, READ_CHUNK))
-                    conn.buffer[:len(head)] = head
-                    conn.filled, start = len(head), 0
-                    return
+                    conn.grown_at = time.monotonic()
+                    if HEADER.size + size > len(conn.buffer):
+                        head = bytes(view[start:conn.filled])
+                        view.release()
+                        conn.buffer = _buffer(HEADER.size + size)
+                        conn.buffer[:len(head)] = head
+                        conn.filled, start = len(head), 0
+                        return
+                    break  # it fits once what is before it is gone
                 if end > conn.filled:
                     break
                 conn.channel.frame(conn, view[start + HEADER.size:end])
@@ -427,36 +458,34 @@ class IoLoop(threading.Thread):
             self.close(conn.conn_id)
             return
         rest = conn.filled - start
-        if start:
-            conn.buffer[:rest] = conn.buffer[start:conn.filled]
+        if start and rest:
+            conn.buffer[:rest] = conn.buffer[start:conn.filled]  # a copy: the two may overlap
         conn.filled = rest
         view.release()
-        if rest == 0 and len(conn.buffer) > READ_CHUNK:  # a large frame is done: shrink back
-            conn.buffer = bytearray(READ_CHUNK)
+        if (rest == 0 and len(conn.buffer) > READ_BUFFER
+                and time.monotonic() - conn.grown_at > KEEP_GROWN_S):  # large frames stopped
+            conn.buffer = _buffer(READ_BUFFER)
 
     def _write(self, conn: Conn) -> bool:
-        """Write what the socket takes; False if the connection was dropped."""
+        """Write what the socket takes; False if the connection was dropped.
+
+        Queued frames are wrapped (sealed) as they are written, a batch at a time, and each
+        batch goes out in one ``sendmsg``.
+        """
         while True:
+            if not conn.pending and not self._wrap_batch(conn):
+                return False
             if not conn.pending:
-                with self._lock:
-                    if not conn.out:
-                        return True
-                    payload, plain, conn.written = conn.out.popleft()
-                    conn.queued -= len(payload)
-                try:
-                    chunks = _plain_frame(payload) if plain else conn.channel.wrap(payload)
-                    conn.pending.extend(memoryview(b) for b in chunks)
-                except Exception as exc:  # a cipher that refuses (counter exhausted): end it
-                    self._drop(conn.conn_id, f"cannot seal a frame: {exc}")
-                    return False
+                return True
             try:
-                n = conn.sock.sendmsg(list(conn.pending))
+                n = conn.sock.sendmsg(conn.pending)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as exc:
                 self._drop(conn.conn_id, f"the connection failed: {exc.strerror or exc}")
                 return False
             conn.last_sent = time.monotonic()
+            conn.pending_bytes -= n
             while n and conn.pending:
                 head = conn.pending[0]
                 if n >= len(head):
@@ -465,14 +494,42 @@ class IoLoop(threading.Thread):
                 else:
                     conn.pending[0] = head[n:]
                     n = 0
-            if conn.pending:
-                return True
-            if conn.written is not None:
-                written, conn.written = conn.written, None
+            while conn.written and conn.written[0][0] >= conn.pending_bytes:
+                _, written = conn.written.popleft()
                 try:
                     written()
                 except Exception:
                     logger.exception("a written-callback failed")
+            if conn.pending:
+                return True
+
+    def _wrap_batch(self, conn: Conn) -> bool:
+        """Take queued payloads (up to a batch) and wrap them into ``pending``; False if the
+        connection was dropped."""
+        with self._lock:
+            batch: list[tuple[bytes, bool, Callable[[], object] | None]] = []
+            size = 0
+            while conn.out and size < WRITE_BATCH and len(batch) < WRITE_BATCH_FRAMES:
+                item = conn.out.popleft()
+                batch.append(item)
+                size += len(item[0])
+            conn.queued -= size
+        callbacks = []
+        try:
+            for payload, plain, written in batch:
+                chunks = _plain_frame(payload) if plain else conn.channel.wrap(payload)
+                for chunk in chunks:
+                    if chunk:
+                        conn.pending.append(memoryview(chunk))
+                        conn.pending_bytes += len(chunk)
+                if written is not None:
+                    callbacks.append((conn.pending_bytes, written))
+        except Exception as exc:  # a cipher that refuses (counter exhausted): end it
+            self._drop(conn.conn_id, f"cannot seal a frame: {exc}")
+            return False
+        # a frame is out once what is left pending is no more than what followed it
+        conn.written.extend((conn.pending_bytes - end, written) for end, written in callbacks)
+        return True
 
     def drop(self, conn_id: int, reason: str) -> None:
         """Close a connection at once, dropping what is queued (loop thread only)."""
@@ -490,6 +547,11 @@ class IoLoop(threading.Thread):
             conn.channel.closed(conn, reason)
         except Exception:
             logger.exception("a channel failed to close")
+
+
+def _buffer(size: int) -> mmap.mmap:
+    """A read buffer whose memory is taken as it is first written, zeroed by the kernel."""
+    return mmap.mmap(-1, size)
 
 
 def _plain_frame(payload: bytes) -> list[bytes]:
