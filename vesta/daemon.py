@@ -23,7 +23,7 @@ import pykka
 from vesta import __version__
 from vesta.actors.autopilot import Autopilot
 from vesta.actors.base import tell_quietly
-from vesta.actors.control import Control, ControlSocketError, open_control_socket
+from vesta.actors.control import ClientOutbox, Control, ControlSocketError, open_control_socket
 from vesta.actors.discovery import Discovery, open_discovery_socket
 from vesta.actors.executor import Executor
 from vesta.actors.links import Links
@@ -104,6 +104,7 @@ def run(config: Any) -> int:
     code = EXIT_FAILED
     loop = IoLoop()
     loop.start()
+    links.clients = ClientOutbox(loop, links)
     sysstat = Sysstat()
     address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
     sampler = Sampler(sysstat, config, identity.fingerprint, address,

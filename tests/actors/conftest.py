@@ -148,6 +148,7 @@ def wiring() -> Wiring:
     probes = {role: ProbeHandle.start() for role in roles}
     for role, probe in probes.items():
         setattr(links, role, probe.ref)
+    links.clients = probes["control"].ref  # what actors send to clients reaches this probe
     return Wiring(links, Counters(), **probes)
 
 

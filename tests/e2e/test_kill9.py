@@ -286,11 +286,34 @@ def test_no_temp_dirs_pile_up_across_kill9_and_restart(
     assert cgroup is None or not cgroup.exists()
 
 
+def test_kill9_of_the_daemons_process_group_leaves_nothing(
+        daemon: Daemon, cleanup: Callable[..., None]) -> None:
+    """SIGKILL to the daemon's whole process group (``kill -9 -PGID``) during a command: job
+    processes stand in sessions of their own, so they live to kill their commands."""
+    cleanup(daemon.name, daemon.proc)
+    cli = start_cli(daemon, "exec", "--", "sleep", "120")
+    cleanup(cli)
+    wait_for(lambda: sleeps(daemon, 1), what="the command")
+    tree = whole_tree(daemon)
+    cleanup(*tree.values())
+    group = os.getpgid(daemon.proc.pid)
+    in_group = [p for p in tree.values() if os.getpgid(p.pid) == group]
+    daemon.proc.kill()  # the group is the test run's too: its members are killed one by one
+    for proc in in_group:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    daemon.proc.wait(10)
+    wait_for(lambda: not [p for p in tree.values() if alive(p)], timeout=GONE_WITHIN,
+             what="every process of the daemon to end")
+
+
 @needs_cgroup
 def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
         daemon: Daemon, cleanup: Callable[..., None]) -> None:
-    """When the daemon and the exec worker are killed together (a killed process group, the OOM
-    killer), nobody is left to kill what the command started: the node's next start does."""
+    """When the daemon and the exec worker are killed together (the OOM killer, a SIGKILL to
+    each), nobody is left to kill the command and what it started, which stand in the job's
+    cgroup (a command started in a cgroup has no death signal of its own): the node's next
+    start kills them."""
     cleanup(daemon.name, daemon.proc)
     cli = start_cli(daemon, "exec", "--", *DOUBLE_FORK)
     cleanup(cli)
@@ -298,13 +321,14 @@ def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
     tree = whole_tree(daemon)
     cleanup(*tree.values())
     (worker,) = workers(daemon)
+    command = {p.pid for p in tree.values() if p.name() in ("sh", "sleep")}
     worker.kill()
     daemon.proc.kill()
     daemon.proc.wait(10)
     cli.communicate(timeout=10)
-    wait_for(lambda: sleeps_only(tree), timeout=GONE_WITHIN,
-             what="everything but the command's two sleeps to end")
-    assert len([p for p in tree.values() if alive(p)]) == 2
+    wait_for(lambda: {p.pid for p in tree.values() if alive(p)} <= command, timeout=GONE_WITHIN,
+             what="everything but the command's own processes to end")
+    assert len([p for p in tree.values() if alive(p) and p.name() == "sleep"]) == 2
 
     again = restart(daemon, python_env())
     cleanup(again.proc)
@@ -312,11 +336,3 @@ def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
              what="the next start to kill the leftovers")
     assert "killed 1 exec jobs left by a vestad of this node" in again.log_text()
     assert again.stop() == 0
-
-
-def sleeps_only(tree: dict[int, psutil.Process]) -> bool:
-    """Every live process of ``tree`` is a sleep (the rest has ended)."""
-    with contextlib.suppress(psutil.Error):
-        live = [p for p in tree.values() if alive(p)]
-        return bool(live) and all(p.name() == "sleep" for p in live)
-    return False

@@ -590,7 +590,7 @@ class Autopilot(VestaActor):
             self.links.transport.tell(ForPeer(part.key, msg))
 
     def to_client(self, client: int, msg: Message) -> None:
-        self.links.control.tell(ToClient(client, msg))
+        self.links.clients.tell(ToClient(client, msg))
 
 
 def _nowhere(spec: AnyJob, decisions: list[Decision]) -> str:

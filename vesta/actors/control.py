@@ -4,8 +4,10 @@ The socket is mode 0600 and refuses a peer of another user (SO_PEERCRED). Reques
 length-prefixed msgpack messages of at most :data:`CONTROL_MAX_FRAME` bytes. The daemon's
 :class:`IoLoop` thread serves the socket, and each connection's :class:`ControlChannel` decodes
 them there; bad input (garbage, a wrong type, an oversized frame) is answered with an
-:class:`ErrorReply`, counted, and never reaches an actor. Control routes each
-request to the actor that serves it and sends replies back to the right connection.
+:class:`ErrorReply`, counted, and never reaches an actor. The channel routes each request to
+the actor that serves it, and the actors answer through a :class:`ClientOutbox`, which queues
+the reply on the right connection from the answering actor's own thread: a job's request and
+its events cross no actor but the ones that do the work.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import struct
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import pykka
 
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
@@ -93,13 +93,34 @@ def open_control_socket(path: str) -> socket.socket:
     return listener
 
 
+class ClientOutbox:
+    """Where actors send :class:`ToClient` messages: each is encoded and queued on its client's
+    connection at once, in the sender's thread (:meth:`IoLoop.send` may be called from any).
+    It has an actor's ``tell``, so a test may put a probe in its place."""
+
+    def __init__(self, loop: IoLoop, links: Links) -> None:
+        self.loop = loop
+        self.links = links
+
+    def tell(self, message: ToClient) -> None:
+        match message:
+            case ToClient(client=client, msg=JobOutput(job_id=job_id, data=data) as msg):
+                # once the client's socket took it, that much more output may come
+                ack = ClientRequest(client, OutputAck(job_id, len(data)))
+                self.loop.send(client, encode(msg),
+                               written=partial(tell_quietly, self.links.autopilot, ack))
+            case ToClient(client=client, msg=msg):
+                self.loop.send(client, encode(msg))
+
+
 class ControlChannel(Channel):
-    """One client connection: frames are decoded as control requests and told to Control."""
+    """One client connection: frames are decoded as control requests and routed to the actor
+    that serves each, in the socket loop's thread."""
 
     max_frame = CONTROL_MAX_FRAME
 
-    def __init__(self, control: pykka.ActorRef[Any], counters: Counters, loop: IoLoop) -> None:
-        self.control = control
+    def __init__(self, links: Links, counters: Counters, loop: IoLoop) -> None:
+        self.links = links
         self.counters = counters
         self.loop = loop
 
@@ -108,21 +129,42 @@ class ControlChannel(Channel):
             request = decode(body, Scope.CONTROL)
         except DecodeError as exc:
             self.counters.add("bad_control_requests")
-            self.loop.send(conn.conn_id,
-                           encode(ErrorReply("bad_request", f"not a vesta request: {exc}")))
+            self.reply(conn.conn_id, ErrorReply("bad_request", f"not a vesta request: {exc}"))
             return
-        tell_quietly(self.control, ClientRequest(conn.conn_id, request))
+        self.route(conn.conn_id, request)
+
+    def route(self, client: int, request: Message) -> None:
+        match request:
+            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
+                tell_quietly(self.links.autopilot, ClientRequest(client, request))
+            case StressRequest(cores=cores, seconds=seconds):
+                if cores < 0 or not 0 < seconds <= 86400:
+                    self.reply(client, ErrorReply("bad_request", "stress takes CORES >= 0 and "
+                                                  "SECS from 0 to 86400"))
+                else:
+                    tell_quietly(self.links.executor, StartStress(client, cores, seconds))
+            case StopStressRequest():
+                tell_quietly(self.links.executor, StopStress(client))
+            case _:
+                self.counters.add("bad_control_requests")
+                self.reply(client, ErrorReply("bad_request", f"{request.tag} is not a request"))
+
+    def reply(self, client: int, msg: Message) -> None:
+        self.loop.send(client, encode(msg))
 
     def too_large(self, conn: Conn, error: str) -> None:
         self.counters.add("bad_control_requests")
         self.loop.send(conn.conn_id, encode(ErrorReply("bad_frame", error)), close_after=True)
 
     def closed(self, conn: Conn, reason: str) -> None:
-        tell_quietly(self.control, ClientGone(conn.conn_id))
+        tell_quietly(self.links.autopilot, ClientGone(conn.conn_id))
 
 
 class Control(VestaActor):
-    """Serves the control socket; routes requests to the autopilot and the executor."""
+    """Owns the control socket: serves it on the socket loop from ``Serve`` until it stops.
+
+    Each connection's :class:`ControlChannel` routes its requests; a ``ToClient`` told here is
+    sent as the :class:`ClientOutbox` sends it."""
 
     def __init__(
         self, counters: Counters, links: Links, loop: IoLoop, listener: socket.socket, path: str
@@ -133,45 +175,18 @@ class Control(VestaActor):
         self.inode = os.stat(path).st_ino
         self.loop = loop
         self.listener = listener
+        self.outbox = ClientOutbox(loop, links)
 
     def handle(self, message: Message) -> Any:
         match message:
             case Serve():
                 self.loop.listen(self.listener, self._accept)
                 logger.info("control socket at %s", self.path)
-            case ClientRequest(client=client, request=request):
-                self.route(client, request)
-            case ToClient(client=client, msg=JobOutput(job_id=job_id, data=data) as msg):
-                # once the client's socket took it, that much more output may come
-                ack = ClientRequest(client, OutputAck(job_id, len(data)))
-                self.loop.send(client, encode(msg),
-                               written=partial(tell_quietly, self.links.autopilot, ack))
-            case ToClient(client=client, msg=msg):
-                self.loop.send(client, encode(msg))
-            case ClientGone():
-                self.links.autopilot.tell(message)
+            case ToClient():
+                self.outbox.tell(message)
             case _:
                 return super().handle(message)
         return None
-
-    def route(self, client: int, request: Message) -> None:
-        match request:
-            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
-                self.links.autopilot.tell(ClientRequest(client, request))
-            case StressRequest(cores=cores, seconds=seconds):
-                if cores < 0 or not 0 < seconds <= 86400:
-                    self.reply(client, ErrorReply("bad_request", "stress takes CORES >= 0 and "
-                                                  "SECS from 0 to 86400"))
-                else:
-                    self.links.executor.tell(StartStress(client, cores, seconds))
-            case StopStressRequest():
-                self.links.executor.tell(StopStress(client))
-            case _:
-                self.counters.add("bad_control_requests")
-                self.reply(client, ErrorReply("bad_request", f"{request.tag} is not a request"))
-
-    def reply(self, client: int, msg: Message) -> None:
-        self.loop.send(client, encode(msg))
 
     def stopping(self) -> None:
         self.loop.unlisten(self.listener)
@@ -194,7 +209,7 @@ class Control(VestaActor):
             with contextlib.suppress(OSError):
                 sock.sendall(_error_frame("forbidden", "this daemon belongs to another user"))
             return None
-        return ControlChannel(self.actor_ref, self.counters, self.loop)
+        return ControlChannel(self.links, self.counters, self.loop)
 
 
 def _error_frame(code: str, error: str) -> bytes:

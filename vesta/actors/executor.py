@@ -123,7 +123,7 @@ class Executor(VestaActor):
                 self.start_stress(client, cores, seconds)
             case StopStress(client=client):
                 stopped = self.stop_stress()
-                self.links.control.tell(ToClient(client, StressReply(0, 0.0, stopped)))
+                self.links.clients.tell(ToClient(client, StressReply(0, 0.0, stopped)))
             case Drain():  # what runs for peers is handed back at once: they place it elsewhere
                 self.draining = True
                 for task_id, task in list(self.tasks.items()):
@@ -265,7 +265,7 @@ class Executor(VestaActor):
             self.stress_workers.add(worker)
             self.supervisor.start_worker(worker, "stress", {"cpu": cpu, "seconds": seconds}, False)
         logger.info("stressing cores %s for %g s", chosen, seconds)
-        self.links.control.tell(ToClient(client, StressReply(len(chosen), seconds)))
+        self.links.clients.tell(ToClient(client, StressReply(len(chosen), seconds)))
         self.links.autopilot.tell(StressState(len(chosen), time.time() + seconds))
 
     def stop_stress(self) -> int:

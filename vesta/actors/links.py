@@ -21,3 +21,4 @@ class Links:
     control: pykka.ActorRef[Any]
     discovery: pykka.ActorRef[Any]
     transport: pykka.ActorRef[Any]  # the owner of the PeerLinks
+    clients: Any  # where ToClient messages go: control.ClientOutbox, or a test's probe

@@ -81,7 +81,8 @@ def job_digest(unit_results: Sequence[bytes]) -> str:
 
 
 def prepare_child(lend: bool, death_signal: int = signal.SIGKILL) -> None:
-    """Set up a job process: ignore Ctrl-C, end with the daemon, and yield the CPU when lending.
+    """Set up a job process: ignore Ctrl-C, a session of its own, end with the daemon, and yield
+    the CPU when lending.
 
     ``death_signal`` is what the process gets when its parent, the fork server, ends. Job
     processes ask for SIGTERM: its default action ends them like SIGKILL, and an exec worker,
@@ -89,6 +90,10 @@ def prepare_child(lend: bool, death_signal: int = signal.SIGKILL) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # out of the daemon's process group: a SIGKILL to the group (kill -9 -PGID) then kills the
+    # daemon and its fork server, and this process lives to clean up after its command
+    with contextlib.suppress(OSError):
+        os.setsid()
     die_with_parent(death_signal)
     release_fork_server()  # after the death signal is set: see there
     if lend:
@@ -487,30 +492,33 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str
 def start_command(argv: list[str], workdir: str, env: dict[str, str], cgroup: str | None,
                   home: str | None) -> subprocess.Popen[bytes]:
     """Start a command in a session of its own and in ``cgroup`` (where there is one), with
-    its output on pipes and a death signal tied to this process.
+    its output on pipes, so that it cannot outlive this process.
 
     Python cannot run between a vfork and an exec, and a fork of this process costs more than
     a small command takes (some 2 ms here, and as much again in copy-on-write faults after).
-    So where util-linux's ``setpriv`` can set the death signal (see :func:`command_launcher`),
-    a vfork executes ``setpriv --pdeathsig KILL -- COMMAND``, while this process stands in
-    ``cgroup`` for the moment (moving back to ``home``, its own), so that the command starts
-    in it. Elsewhere, and for a program that is neither a ``#!`` script nor an ELF binary
-    (``setpriv`` would hand it to /bin/sh where an exec fails), a fork sets all of it up.
+    Where there is a cgroup, a vfork executes the command while this process stands in the
+    cgroup for the moment (moving back to ``home``, its own): the cgroup holds everything the
+    command starts, and it is killed when the command's job ends, when this process is killed
+    (by the supervisor) or cancelled, and at the next start of a daemon that was killed.
+    Without one, the command needs a death signal of its own: where util-linux's ``setpriv``
+    can set it (see :func:`command_launcher`), a vfork executes ``setpriv --pdeathsig KILL --
+    COMMAND`` (an exec more, some 1.2 ms here). Elsewhere, and for a program that is neither a
+    ``#!`` script nor an ELF binary (``setpriv`` would hand it to /bin/sh where an exec fails),
+    a fork sets it up.
     """
     options: dict[str, Any] = {
         "cwd": workdir, "env": env, "stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
         "stderr": subprocess.PIPE, "start_new_session": True,
     }
+    if cgroup is not None and home is not None:
+        join_cgroup(cgroup)
+        try:
+            return subprocess.Popen(argv, **options)
+        finally:
+            move_to_cgroup(home)  # should it fail, the clean-up kills this process too
     launcher = command_launcher()
-    if launcher and _runs_itself(argv[0]):
-        if cgroup is None:
-            return subprocess.Popen([*launcher, *argv], **options)
-        if home is not None:
-            join_cgroup(cgroup)
-            try:
-                return subprocess.Popen([*launcher, *argv], **options)
-            finally:
-                move_to_cgroup(home)  # should it fail, the clean-up kills this process too
+    if cgroup is None and launcher and _runs_itself(argv[0]):
+        return subprocess.Popen([*launcher, *argv], **options)
 
     def child_setup() -> None:  # safe: this process has a single thread
         die_with_parent()
