@@ -175,6 +175,18 @@ def test_a_link_down_fails_every_sent_task_and_cancels_every_lent_one(link: Link
     assert lent_task_id(link.fingerprint, "p1") == f"{link.fingerprint}/p1"
 
 
+def test_a_task_that_reaches_a_link_after_it_went_down_is_lost_not_sent(link: Link) -> None:
+    """An actor may send to a PeerLink just before the Transport takes it off the map: the
+    lingering link reports the task lost, so its units are placed again."""
+    link.ref.tell(LinkDown(CONN, link.fingerprint, "the other side closed the connection"))
+    link.to_peer(run("late"))
+    link.to_peer(TaskCredit("late", 100))
+
+    done = link.wiring.autopilot.expect(TaskDone, lambda m: m.task_id == "late")
+    assert done.lost and not done.ok and "went down" in done.error
+    assert link.sent() == []
+
+
 def test_a_leaving_peer_fails_the_sent_tasks_at_once_and_tells_discovery(link: Link) -> None:
     link.to_peer(run("t1"))
 

@@ -38,7 +38,6 @@ from vesta.messages import (
     CpuJob,
     Drain,
     ExecJob,
-    ForPeer,
     JobAccepted,
     JobDone,
     JobOutput,
@@ -420,7 +419,7 @@ class Autopilot(VestaActor):
         if node.local:
             self.links.executor.tell(run)
         else:
-            self.links.transport.tell(ForPeer(node.key, run))
+            self.links.to_peer(node.key, run)
         self.to_client(job.client, JobStarted(job.job_id, node.name, end - start))
 
     def remember(self, job: _Job, decisions: list[Decision]) -> None:
@@ -587,7 +586,7 @@ class Autopilot(VestaActor):
         if part.key == HERE:
             self.links.executor.tell(msg)
         else:
-            self.links.transport.tell(ForPeer(part.key, msg))
+            self.links.to_peer(part.key, msg)
 
     def to_client(self, client: int, msg: Message) -> None:
         self.links.clients.tell(ToClient(client, msg))

@@ -38,7 +38,6 @@ from vesta.messages import (
     BeaconHeard,
     DecodeError,
     Dial,
-    ForPeer,
     LinkRefused,
     Message,
     NodeInfo,
@@ -388,8 +387,8 @@ class Discovery(VestaActor):
             entry = entry or self.entry(msg.fingerprint, "")
             entry.linked, entry.version, entry.state = True, msg.version, "up"
             entry.last_seen, entry.reason = time.monotonic(), ""
-            self.links.transport.tell(ForPeer(msg.fingerprint, PeerHello(
-                self.node, self.config.port, self.config.dport)))
+            self.links.to_peer(msg.fingerprint, PeerHello(
+                self.node, self.config.port, self.config.dport))
             logger.info("peer %s is up", entry.node.name if entry.node else msg.fingerprint)
         elif entry is not None:
             entry.linked = False

@@ -31,7 +31,6 @@ from vesta.messages import (
     CpuJob,
     Drain,
     ExecJob,
-    ForPeer,
     LendTask,
     MemJob,
     Message,
@@ -151,9 +150,9 @@ class Executor(VestaActor):
             self.counters.add("refused_jobs")
             what = f"{run.job.argv[0]!r}" if isinstance(run.job, ExecJob) else run.job.kind
             logger.info("refused %s for %s: %s", what, lend.name, why)
-            self.links.transport.tell(ForPeer(lend.fingerprint, TaskDone(
+            self.links.to_peer(lend.fingerprint, TaskDone(
                 run.task_id, False, 0.0, exits.NOT_RUN, f"{name} refused {what}: {why}",
-                refused=True)))
+                refused=True))
             return
         assert node is not None
         workers = max(1, min(run.workers, node.offer_workers - busy))
@@ -171,7 +170,7 @@ class Executor(VestaActor):
     def report(self, task: _Task, msg: Message) -> None:
         """What a task produced goes to the Autopilot, or to the peer it runs for."""
         if task.peer:
-            self.links.transport.tell(ForPeer(task.peer, msg))
+            self.links.to_peer(task.peer, msg)
         else:
             self.links.autopilot.tell(msg)
 

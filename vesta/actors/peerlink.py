@@ -62,6 +62,7 @@ class PeerLink(VestaActor):
         self.sent: dict[str, RunTask] = {}  # our tasks running there
         self.lent: set[str] = set()  # its tasks running here, by the id it gave them
         self.unsent: list[bytes] = []  # refused by a connection that went away meanwhile
+        self.down = ""  # why the link went down: this PeerLink only lingers
 
     def handle(self, message: Message) -> Any:
         match message:
@@ -77,12 +78,18 @@ class PeerLink(VestaActor):
             case ForPeer(msg=msg):
                 self.send(msg)
             case LinkDown(reason=reason):
-                self.gone(f"the link to {self.peer_name} went down ({reason})")
+                self.down = f"the link to {self.peer_name} went down ({reason})"
+                self.gone(self.down)
             case _:
                 return super().handle(message)
         return None
 
     def send(self, msg: Message) -> None:
+        if self.down:  # sent as the link went down: a task is lost, the rest has no reader
+            if isinstance(msg, RunTask):
+                self.links.autopilot.tell(TaskDone(msg.task_id, False, 0.0, exits.NOT_RUN,
+                                                   self.down, lost=True))
+            return
         match msg:
             case RunTask(task_id=task_id):
                 self.sent[task_id] = msg

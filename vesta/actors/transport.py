@@ -3,9 +3,15 @@
 It listens on the peer port, dials the nodes Discovery hears of (one link per peer, with backoff
 when a dial fails), bounds how many connections may be half-open, and, once a handshake proved a
 peer's fingerprint, starts that peer's :class:`~vesta.actors.peerlink.PeerLink` and routes the
-link's messages to it. It is the PeerLinks' owner: it keeps the fingerprint -> PeerLink map, and
-other actors reach a peer with :class:`ForPeer`. The sockets, the handshake and the ciphers live
-in the :class:`~vesta.transport.loop.IoLoop` thread and its :class:`LinkChannel` objects.
+link's messages to it. It is the PeerLinks' owner: it keeps the fingerprint -> PeerLink map
+(``Links.peer_links``), through which other actors reach a peer (``Links.to_peer``), and it
+routes each link's channel to its PeerLink, so that a message crosses no actor on its way in
+or out but the PeerLink. The sockets, the handshake and the ciphers live in the
+:class:`~vesta.transport.loop.IoLoop` thread and its :class:`LinkChannel` objects.
+
+A PeerLink whose link went down lingers for :data:`LINGER_S` before it stops: a message an
+actor sent it just before the link left the map still finds it, and a task in it is reported
+lost rather than dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pykka
@@ -81,6 +88,10 @@ class _Peer:
     retired: set[int] = field(default_factory=set)  # dropped duplicates, read until they end
 
 
+#: Seconds a PeerLink lives on after its link went down, answering for what reaches it late.
+LINGER_S = 1.0
+
+
 class Transport(VestaActor):
     """Dials, accepts, dedupes and routes peer links; starts and stops the PeerLinks."""
 
@@ -97,6 +108,7 @@ class Transport(VestaActor):
         self.identity = identity
         self.versions = versions
         self.peers: dict[str, _Peer] = {}
+        self.lingering: list[pykka.ActorRef[Any]] = []  # PeerLinks whose link went down
         self.draining = False
         self.heartbeats = Heartbeats(
             loop, heartbeat_s, dead_after_s if dead_after_s is not None else heartbeat_s * 5)
@@ -111,6 +123,9 @@ class Transport(VestaActor):
                 self.loop.close(peer.conn_id)
             if peer.link is not None:
                 peer.link.stop(block=False)
+        self.links.peer_links.clear()
+        for link in self.lingering:
+            link.stop(block=False)
         if self.listener is not None:
             self.loop.unlisten(self.listener)
             self.loop.call(self.listener.close)
@@ -125,7 +140,7 @@ class Transport(VestaActor):
                 self.link_down(message)
             case LinkRefused():
                 self.links.discovery.tell(message)
-            case LinkMessage(fingerprint=fp, conn_id=conn_id):
+            case LinkMessage(fingerprint=fp, conn_id=conn_id):  # from a link never routed
                 peer = self.peers.get(fp)
                 if peer is not None and peer.link is not None and (
                         conn_id == peer.conn_id or conn_id in peer.retired):
@@ -188,10 +203,12 @@ class Transport(VestaActor):
             if peer.initiated_by_lower or not by_lower:
                 self.loop.retire(up.conn_id)
                 peer.retired.add(up.conn_id)
+                self.route(up.conn_id, peer.link)  # what it still carries goes to the PeerLink
                 return
             peer.retired.add(peer.conn_id)  # the PeerLink retires it once it sent its last
             peer.conn_id, peer.initiated_by_lower = up.conn_id, by_lower
             peer.link.tell(up)
+            self.route(up.conn_id, peer.link)
             return
         if self.draining:
             self.loop.close(up.conn_id)
@@ -201,6 +218,8 @@ class Transport(VestaActor):
         peer.next_dial = 0.0
         peer.link = PeerLink.start(self.counters, self.links, self.loop, fp, self.identity)
         peer.link.tell(up)
+        self.route(up.conn_id, peer.link)
+        self.links.peer_links[fp] = peer.link
         self.links.discovery.tell(PeerLinked(fp, True, up.version))
         logger.info("linked with %s (%s, protocol %d)", fp, up.host, up.version)
 
@@ -214,10 +233,22 @@ class Transport(VestaActor):
         if peer.conn_id != down.conn_id or peer.link is None:
             return
         logger.info("link with %s down: %s", down.fingerprint, down.reason)
-        peer.link.tell(down)
-        peer.link.stop(block=False)
+        self.links.peer_links.pop(down.fingerprint, None)
+        link = peer.link
+        link.tell(down)
+        self.lingering = [old for old in self.lingering if old.is_alive()]
+        self.lingering.append(link)
+        self.loop.call_later(LINGER_S, lambda: link.stop(block=False))
         peer.link, peer.conn_id = None, 0
         self.links.discovery.tell(PeerLinked(down.fingerprint, False, reason=down.reason))
+
+    def route(self, conn_id: int, link: pykka.ActorRef[Any]) -> None:
+        """Have a link's channel hand the peer's messages to its PeerLink from now on."""
+        def route() -> None:
+            for conn in self.loop.connections():
+                if conn.conn_id == conn_id and isinstance(conn.channel, LinkChannel):
+                    conn.channel.route(partial(tell_quietly, link))
+        self.loop.call(route)
 
     def for_peer(self, fp: str, msg: Message) -> None:
         peer = self.peers.get(fp)

@@ -50,10 +50,14 @@ DEAD_AFTER_S = 2.5
 HANDSHAKE_TIMEOUT_S = 5.0
 #: The largest frame a link carries once it is up.
 LINK_MAX_FRAME = 4 << 20
+#: Messages a link holds between its handshake and the Transport routing it to its PeerLink.
+MAX_HELD = 1000
 
 
 class LinkChannel(Channel):
-    """One connection to a peer. ``tell`` receives LinkUp, LinkMessage, LinkDown, LinkRefused."""
+    r"""One connection to a peer. ``tell`` (the Transport) receives LinkUp, LinkDown and
+    LinkRefused; the peer's messages go to its PeerLink once the Transport :meth:`route`\ s them
+    there, and are held until then, in order."""
 
     def __init__(
         self, loop: IoLoop, keys: FederationKeys, identity: Identity, counters: Counters,
@@ -75,6 +79,15 @@ class LinkChannel(Channel):
         )
         self.failed = ""
         self.step = 0  # handshake messages handled so far
+        self.target: Callable[[Message], object] | None = None  # the PeerLink's tell
+        self.held: list[Message] = []  # what arrived before the Transport routed the link
+
+    def route(self, target: Callable[[Message], object]) -> None:
+        """From now on, the peer's messages go to ``target`` (loop thread only)."""
+        self.target = target
+        held, self.held = self.held, []
+        for message in held:
+            target(message)
 
     @property
     def up(self) -> bool:
@@ -111,7 +124,13 @@ class LinkChannel(Channel):
             self.counters.add("dropped_frames")
             logger.warning("link to %s: dropped a message: %s", self.fingerprint, exc)
             return
-        self.tell(LinkMessage(conn.conn_id, self.fingerprint, msg))
+        message = LinkMessage(conn.conn_id, self.fingerprint, msg)
+        if self.target is not None:
+            self.target(message)
+        elif len(self.held) < MAX_HELD:
+            self.held.append(message)
+        else:  # a link that floods before it is routed
+            self.counters.add("dropped_frames")
 
     def wrap(self, payload: bytes) -> list[bytes]:
         assert self.session is not None, "sealed frames before the handshake"
@@ -124,6 +143,10 @@ class LinkChannel(Channel):
 
     def closed(self, conn: Conn, reason: str) -> None:
         if self.session is not None:
+            # what came before the Transport routed the link goes through it, then the end
+            held, self.held = self.held, []
+            for message in held:
+                self.tell(message)
             self.tell(LinkDown(conn.conn_id, self.fingerprint, self.failed or reason))
         elif not self.failed:
             self.counters.add("failed_handshakes")
