@@ -134,11 +134,18 @@ def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
         )
     daemon = Daemon(name, sock, state, proc, log, args)
     if wait:
-        wait_for(lambda: proc.poll() is not None or _answers(sock), timeout=20,
-                 what=f"vestad {name} to answer on {sock}")
-        if proc.poll() is not None:
-            pytest.fail(f"vestad exited with {proc.returncode}:\n{daemon.log_text()}")
+        wait_answering(daemon)
     return daemon
+
+
+def wait_answering(daemon: Daemon, where: str = "") -> None:
+    """Wait (bounded) until a daemon answers on its control socket; fail with its log if it
+    exits first."""
+    proc = daemon.proc
+    wait_for(lambda: proc.poll() is not None or _answers(daemon.socket), timeout=20,
+             what=f"vestad {daemon.name}{where} to answer on {daemon.socket}")
+    if proc.poll() is not None:
+        pytest.fail(f"vestad {daemon.name} exited with {proc.returncode}:\n{daemon.log_text()}")
 
 
 def _answers(sock: str) -> bool:

@@ -433,3 +433,24 @@ def test_half_open_connections_are_bounded_and_time_out(daemon: Daemon) -> None:
             sock.close()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as again:
         again.sendall(b"\x00\x00\x00\x01x")  # the daemon serves new connections again
+
+
+def test_a_peer_that_goes_silent_mid_handshake_is_dropped_at_the_deadline(
+        daemon: Daemon, keys: FederationKeys) -> None:
+    """A key holder that says hello, gets the daemon's reply and never sends its part: the
+    connection is closed at the handshake deadline and counted, and the daemon links others."""
+    from vesta.transport.link import HANDSHAKE_TIMEOUT_S
+
+    port = int(daemon.args[daemon.args.index("-port") + 1])
+    with socket.create_connection(("127.0.0.1", port), timeout=HANDSHAKE_TIMEOUT_S + 5) as sock:
+        init = Initiator(keys, fake_identity())
+        sock.sendall(frame(init.hello()))
+        init.on_reply(read_frame(sock))  # a real reply: the daemon is waiting for the rest
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # closed without a word
+        assert time.monotonic() - started <= HANDSHAKE_TIMEOUT_S + 1
+    wait_for(lambda: status(daemon)["counters"]["failed_handshakes"] >= 1, timeout=5,
+             what="the silent handshake to be counted")
+    linked, session = handshake(port, keys, fake_identity())  # the next one links
+    with linked:
+        assert session.peer_fingerprint

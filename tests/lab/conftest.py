@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, python_env, wait_for
+from tests.conftest import Daemon, python_env, wait_answering
 from tests.lab.netlab import Host, Lab, cleanup_stale, unavailable_reason
-from vesta.client import Client, VestaError
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +65,5 @@ def start_vestad(host: Host, name: str, key: str, *extra_args: str) -> LabDaemon
         proc = host.run([sys.executable, "-m", "vesta.apps.vestad", *args], stdout=out,
                         stderr=subprocess.STDOUT, env=python_env(), text=True)
     daemon = LabDaemon(name, sock, state, proc, log, args, host=host)
-    wait_for(lambda: proc.poll() is not None or _answers(sock), timeout=20,
-             what=f"vestad {name} in lab host {host.name} to answer on {sock}")
-    if proc.poll() is not None:
-        pytest.fail(f"vestad {name} exited with {proc.returncode}:\n{daemon.log_text()}")
+    wait_answering(daemon, f" in lab host {host.name}")
     return daemon
-
-
-def _answers(sock: str) -> bool:
-    try:
-        with Client(sock, timeout=2) as client:
-            client.status()
-    except VestaError:
-        return False
-    return True

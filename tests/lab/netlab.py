@@ -23,6 +23,7 @@ import fcntl
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -338,10 +339,18 @@ def _delete_netns(netns: str) -> None:
         pids = [int(word) for word in _ip("netns", "pids", netns, check=False).stdout.split()]
         if not pids or time.monotonic() > deadline:
             break
+        exits = []  # a pidfd turns readable once its process has ended
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.01)  # polling interval while the kernel finishes the kills
+            with contextlib.suppress(OSError):
+                exits.append(os.pidfd_open(pid))
+        try:
+            if exits:
+                select.select(exits, [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            for fd in exits:
+                os.close(fd)
     _ip("netns", "delete", netns, check=False)
 
 

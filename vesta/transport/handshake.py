@@ -179,8 +179,11 @@ class _Steps:
         self._next = self._steps.index(step) + 1
 
 
-class Initiator:
-    """The side that connects: hello(), on_reply(reply) -> auth, on_confirm(confirm) -> Session."""
+class _Side:
+    """What both sides of a handshake start with: the keys, this node's identity, the protocol
+    versions it speaks, the frame cap of the link, and the steps it must take in order."""
+
+    steps: tuple[str, ...] = ()
 
     def __init__(self, keys: FederationKeys, identity: Identity,
                  versions: Versions = (PROTOCOL_VERSION, PROTOCOL_VERSION),
@@ -189,11 +192,22 @@ class Initiator:
         self._identity = identity
         self._versions = versions
         self._max_frame = max_frame
-        self._steps = _Steps(("hello", "reply", "confirm"))
+        self._steps = _Steps(self.steps)
+        self._h = b""  # the transcript hash
+        self._keys_ir = (b"", b"")  # the frame keys, initiator -> responder and back
+
+
+class Initiator(_Side):
+    """The side that connects: hello(), on_reply(reply) -> auth, on_confirm(confirm) -> Session."""
+
+    steps = ("hello", "reply", "confirm")
+
+    def __init__(self, keys: FederationKeys, identity: Identity,
+                 versions: Versions = (PROTOCOL_VERSION, PROTOCOL_VERSION),
+                 max_frame: int = LINK_MAX_FRAME) -> None:
+        super().__init__(keys, identity, versions, max_frame)
         self._ephemeral = X25519PrivateKey.generate()
         self._hello = b""
-        self._h = b""
-        self._keys_ir = (b"", b"")
 
     def hello(self) -> bytes:
         """The first message, in clear."""
@@ -236,20 +250,16 @@ class Initiator:
         return session
 
 
-class Responder:
+class Responder(_Side):
     """The side that accepts: on_hello(hello) -> reply, on_auth(auth) -> (confirm, Session)."""
+
+    steps = ("hello", "auth")
 
     def __init__(self, keys: FederationKeys, identity: Identity,
                  versions: Versions = (PROTOCOL_VERSION, PROTOCOL_VERSION),
                  max_frame: int = LINK_MAX_FRAME) -> None:
-        self._keys = keys
-        self._identity = identity
-        self._versions = versions
-        self._max_frame = max_frame
-        self._steps = _Steps(("hello", "auth"))
+        super().__init__(keys, identity, versions, max_frame)
         self._their_versions = versions
-        self._h = b""
-        self._keys_ir = (b"", b"")
 
     def on_hello(self, hello: bytes) -> bytes:
         """The cleartext reply to an initiator's hello; raises NotVesta without the envelope."""
