@@ -88,8 +88,10 @@ class Conn:
         self.pending_bytes = 0
         # the callbacks of wrapped frames: each with the byte count in ``pending`` once it is out
         self.written: deque[tuple[int, Callable[[], object]]] = deque()
+        self.write_lock = threading.Lock()  # held by whichever thread writes to the socket
         self.queued = 0
         self.closing = False  # close once the queue is written
+        self.stuck = False  # it stopped reading: drop it at once
         self.retiring = False  # once the queue is written, end our side; read until theirs ends
         self.write_shut = False
         self.eof = False  # the other side ended its side
@@ -162,8 +164,27 @@ class IoLoop(threading.Thread):
         """Queue one frame's payload for a connection; False if it is gone or was dropped.
 
         The channel wraps (seals) it when it is written; ``plain`` frames it as it is (a handshake
-        message that is already sealed, say). ``written`` is called in the loop thread once the
-        whole frame is in the socket: the sender's flow control hangs on it."""
+        message that is already sealed, say). ``written`` is called once the whole frame is in
+        the socket, in the thread that wrote it: the sender's flow control hangs on it.
+
+        When nothing is waiting to be written on the connection, the calling thread writes the
+        frame itself, at once: a reply or a small message then costs no wake-up of the loop's
+        thread, which on a busy core is a wait of its own. What the socket does not take is left
+        to the loop, in order.
+        """
+        with self._lock:
+            conn = self._conns.get(conn_id)
+            if conn is None or conn.closing or conn.retiring:
+                return False
+        if not close_after and not conn.connecting and conn.write_lock.acquire(blocking=False):
+            try:
+                with self._lock:
+                    idle = (not conn.out and not conn.pending and not conn.closing
+                            and not conn.retiring and conn_id in self._conns)
+                if idle and self._write_now(conn, payload, plain, written):
+                    return True
+            finally:
+                conn.write_lock.release()
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing or conn.retiring:
@@ -172,7 +193,7 @@ class IoLoop(threading.Thread):
                 logger.warning("connection %d does not read what it is sent; dropping it", conn_id)
                 conn.out.clear()
                 conn.queued = 0
-                conn.closing = True
+                conn.closing = conn.stuck = True  # dropped now: what is pending never goes
                 ok = False
             else:
                 conn.out.append((payload, plain, written))
@@ -279,7 +300,7 @@ class IoLoop(threading.Thread):
     def _flush_all(self, deadline: float) -> None:
         """On stop: write what is queued for every connection, within ``deadline`` seconds each."""
         for conn in list(self._conns.values()):
-            if conn.connecting:
+            if conn.connecting or not conn.write_lock.acquire(timeout=deadline):
                 continue
             try:
                 conn.sock.setblocking(True)
@@ -288,6 +309,8 @@ class IoLoop(threading.Thread):
                     conn.sock.sendall(chunk)
             except (OSError, ValueError):
                 continue
+            finally:
+                conn.write_lock.release()
 
     def _take_output(self, conn: Conn) -> list[bytes | memoryview]:
         with self._lock:
@@ -305,6 +328,9 @@ class IoLoop(threading.Thread):
             conns = list(self._conns.values())
         for conn in conns:
             if conn.connecting:
+                continue
+            if conn.stuck:
+                self._drop(conn.conn_id, "it does not read what it is sent")
                 continue
             if conn.closing and not conn.out and not conn.pending:
                 self._drop(conn.conn_id,
@@ -391,7 +417,7 @@ class IoLoop(threading.Thread):
             self._selector.modify(conn.sock, selectors.EVENT_READ, ("conn", conn_id))
             self._opened(conn)
             return
-        if events & selectors.EVENT_WRITE and not self._write(conn):
+        if events & selectors.EVENT_WRITE and not self._write_locked(conn):
             return
         if events & selectors.EVENT_READ:
             self._read(conn)
@@ -466,6 +492,44 @@ class IoLoop(threading.Thread):
                 and time.monotonic() - conn.grown_at > KEEP_GROWN_S):  # large frames stopped
             conn.buffer = _buffer(READ_BUFFER)
 
+    def _write_now(self, conn: Conn, payload: bytes, plain: bool,
+                   written: Callable[[], object] | None) -> bool:
+        """Wrap and write one frame on an idle connection, from the calling thread (holding the
+        connection's write lock); what the socket does not take waits in ``pending`` for the
+        loop. False, with nothing done, if the frame cannot be wrapped here (the loop will try,
+        and say why)."""
+        try:
+            chunks = [memoryview(c) for c in (
+                _plain_frame(payload) if plain else conn.channel.wrap(payload)) if c]
+        except Exception:
+            return False
+        size = sum(len(c) for c in chunks)
+        try:
+            n = conn.sock.sendmsg(chunks)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:  # the loop meets the error too, and drops the connection
+            n = 0
+        if n == size:
+            conn.last_sent = time.monotonic()
+            if written is not None:
+                try:
+                    written()
+                except Exception:
+                    logger.exception("a written-callback failed")
+            return True
+        for chunk in chunks:  # the rest goes out from the loop
+            if n >= len(chunk):
+                n -= len(chunk)
+                continue
+            conn.pending.append(chunk[n:])
+            conn.pending_bytes += len(chunk) - n
+            n = 0
+        if written is not None:
+            conn.written.append((0, written))
+        self._wake()
+        return True
+
     def _write(self, conn: Conn) -> bool:
         """Write what the socket takes; False if the connection was dropped.
 
@@ -502,6 +566,10 @@ class IoLoop(threading.Thread):
                     logger.exception("a written-callback failed")
             if conn.pending:
                 return True
+
+    def _write_locked(self, conn: Conn) -> bool:
+        with conn.write_lock:
+            return self._write(conn)
 
     def _wrap_batch(self, conn: Conn) -> bool:
         """Take queued payloads (up to a batch) and wrap them into ``pending``; False if the
