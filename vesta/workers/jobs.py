@@ -374,13 +374,8 @@ def kill_cgroup(path: str, wait: float = 1.0) -> bool:
     reaps them, which does not keep the cgroup from being removed. An empty cgroup (its command
     has ended) is simply removed.
     """
-    try:
-        os.rmdir(path)
+    if _removed(path):
         return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        pass  # not empty, most likely
     try:
         with open(os.path.join(path, "cgroup.kill"), "w") as f:
             f.write("1")
@@ -389,16 +384,22 @@ def kill_cgroup(path: str, wait: float = 1.0) -> bool:
     except OSError:
         pass  # no cgroup.kill, or not ours: removing it below says whether it is empty
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            os.rmdir(path)
-            return True
-        except FileNotFoundError:
-            return True
-        except OSError:
-            if time.monotonic() >= deadline:
-                return False
-        time.sleep(0.005)
+    while not _removed(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)  # the kernel ends the killed processes in a moment
+    return True
+
+
+def _removed(cgroup: str) -> bool:
+    """Remove a cgroup; whether it is gone (False: it still holds a process, most likely)."""
+    try:
+        os.rmdir(cgroup)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def kill_descendants() -> None:
