@@ -219,7 +219,7 @@ def test_exec_that_double_forks_and_calls_setsid(daemon: Daemon,
     def running(d: Daemon) -> bool:
         if not sleeps(d, 2):
             return False
-        # and the command and its escapee are in the job's own cgroup
+        # and the command and its escapee are in the job process's own cgroup
         for p in whole_tree(d).values():
             if p.name() == "sleep":
                 where = Path(f"/proc/{p.pid}/cgroup").read_text()
@@ -311,7 +311,7 @@ def test_kill9_of_the_daemons_process_group_leaves_nothing(
 def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
         daemon: Daemon, cleanup: Callable[..., None]) -> None:
     """When the daemon and the exec worker are killed together (the OOM killer, a SIGKILL to
-    each), nobody is left to kill the command and what it started, which stand in the job's
+    each), nobody is left to kill the command and what it started, which stand in the job process's
     cgroup (a command started in a cgroup has no death signal of its own): the node's next
     start kills them."""
     cleanup(daemon.name, daemon.proc)
@@ -334,5 +334,5 @@ def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
     cleanup(again.proc)
     wait_for(lambda: not [p for p in tree.values() if alive(p)], timeout=GONE_WITHIN,
              what="the next start to kill the leftovers")
-    assert "killed 1 exec jobs left by a vestad of this node" in again.log_text()
+    assert "removed 1 job process cgroups left by a vestad of this node" in again.log_text()
     assert again.stop() == 0

@@ -134,7 +134,7 @@ def test_kill_cgroup_kills_a_double_forked_setsid_descendant() -> None:
     job = os.path.join(parent, "w1")
     os.makedirs(job)
     proc = subprocess.Popen(["sh", "-c", "(setsid sleep 60 &); sleep 60"],
-                            preexec_fn=lambda: jobs.join_cgroup(job))
+                            preexec_fn=lambda: jobs.move_to_cgroup(job))
     try:
         def members() -> list[int]:
             return [int(pid) for pid in Path(job, "cgroup.procs").read_text().split()]

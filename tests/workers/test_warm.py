@@ -1,6 +1,6 @@
 """Warm job processes: the supervisor keeps a process that ran a task for the next task of its
 pool, retires it once idle, and never reuses one that was killed; each exec command still gets
-its own working directory and cgroup.
+its own working directory, and runs in its job process's cgroup.
 
 The tests drive a real :class:`Supervisor` with real job processes. An exec command finds its
 worker as ``$PPID``; a cpu worker is found among the fork server's children.
@@ -154,7 +154,7 @@ WHERE = "echo $PPID; pwd; grep ^0:: /proc/self/cgroup"
 # -- reuse -----------------------------------------------------------------------------------------
 
 
-def test_an_exec_worker_runs_the_next_command_in_a_fresh_directory_and_cgroup(
+def test_an_exec_worker_runs_the_next_command_in_a_fresh_directory_and_its_own_cgroup(
     start: Callable[..., tuple[Supervisor, Reports]], space: JobSpace
 ) -> None:
     sup, reports = start()
@@ -168,11 +168,12 @@ def test_an_exec_worker_runs_the_next_command_in_a_fresh_directory_and_cgroup(
         workdir = Path(lines[1])
         assert workdir.parent == Path(str(space.tmpdir)) and workdir.name.startswith("vesta-job-")
         assert not workdir.exists(), "removed before the command's end was reported"
-    if space.cgroup is not None:  # and a cgroup of its own, gone with it
-        for worker, lines in (("w1", first), ("w2", second)):
-            assert lines[2].endswith(f"/{os.path.basename(space.cgroup)}/{worker}"), lines
-            assert not os.path.exists(os.path.join(space.cgroup, worker))
-        assert cgroup_of(int(first[0])) == cgroup_of(os.getpid()), "while the worker is not"
+    if space.cgroup is not None:  # the job process's own cgroup, where its commands start
+        assert first[2] == second[2] == cgroup_of(int(first[0])), (first, second)
+        cgroup = Path(space.cgroup) / first[2].rsplit("/", 1)[1]
+        assert cgroup.is_dir() and first[2] != cgroup_of(os.getpid())
+        sup.shutdown()
+        assert not cgroup.exists(), "removed once its process ended"
 
 
 def test_a_program_the_kernel_cannot_execute_is_not_executable(

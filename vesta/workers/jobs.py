@@ -151,15 +151,23 @@ def lowest_priority() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
-def serve(conn: Connection, lend: bool) -> None:
+def serve(conn: Connection, lend: bool, cgroup: str | None = None) -> None:
     """Entry point of every job process: run the tasks that come over ``conn``, one at a time,
     until it closes (the daemon retired this process, or is gone).
 
     Waiting for the next task is a blocking read of the pipe: an idle process uses no CPU.
     A lent process stays at the lowest priority for good (it may not raise it again), which is
-    why the supervisor keeps lent and local processes apart.
+    why the supervisor keeps lent and local processes apart. Where the supervisor gives it a
+    cgroup of its own, the process moves there first, and its commands start in it.
     """
+    global _contained
     prepare_child(lend, signal.SIGTERM)
+    if cgroup is not None:
+        try:
+            move_to_cgroup(cgroup)
+            _contained = True
+        except OSError:
+            pass  # commands then get a death signal of their own
     allowed = os.sched_getaffinity(0)
     while True:
         try:
@@ -308,52 +316,36 @@ def run_stress(conn: Connection, params: dict[str, Any]) -> Result:
 def run_exec(conn: Connection, params: dict[str, Any]) -> Result:
     """Run a command in a fresh directory and session, streaming its output to the parent.
 
-    This process becomes a child subreaper, so whatever the command starts, even in a session
-    of its own, stays below it and is killed when the job ends. Where the daemon has a cgroup
-    for the job (``params["cgroup"]``), the command runs in it, and the clean-up kills the whole
-    cgroup at once, whatever left this process's tree. SIGTERM (a cancel, or the death of the
-    fork server after the daemon's) does the same clean-up, working directory included, before
-    the process exits. Each command gets all of this afresh: a warm process runs the next one in
-    a new directory and the cgroup that comes with it.
+    This process is a child subreaper, so whatever the command starts, even in a session of
+    its own, stays below it and is killed when the command ends: the next command of a warm
+    process starts with nothing of the last one left, in a new directory. SIGTERM (a cancel,
+    or the death of the fork server after the daemon's) does the same clean-up, working
+    directory included, before the process exits; the supervisor then kills what is left in
+    the process's cgroup, where there is one, and removes it.
     """
-    cgroup: str | None = params.get("cgroup")
-    home: str | None = params.get("home_cgroup")  # this process's own cgroup
     workdir = tempfile.mkdtemp(prefix="vesta-job-", dir=params.get("tmpdir"))
 
     def cancelled(_signum: int, _frame: Any) -> None:
-        if cgroup is not None and home is not None:  # it may come while this process stands
-            join_cgroup(home)  # in the command's cgroup, starting it: out before killing it
-        _clean_up(workdir, cgroup)
+        _clean_up(workdir)
         os._exit(exits.killed_by(signal.SIGTERM))
 
     signal.signal(signal.SIGTERM, cancelled)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     try:
-        return _exec_in(conn, params, workdir, cgroup, home)
+        return _exec_in(conn, params, workdir)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up runs to its end
-        _clean_up(workdir, cgroup)
+        _clean_up(workdir)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # idle again: a death signal ends it
 
 
-def _clean_up(workdir: str, cgroup: str | None) -> None:
-    """Kill the job's cgroup and every process this one started; remove the working directory."""
-    if cgroup is not None:
-        kill_cgroup(cgroup)
-    kill_descendants()  # and reap what the cgroup's end left here as zombies
+def _clean_up(workdir: str) -> None:
+    """Kill every process the command left (below this one); remove the working directory."""
+    kill_descendants()
     try:
         os.rmdir(workdir)  # most commands leave nothing there
     except OSError:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def join_cgroup(path: str) -> None:
-    """Move the calling process into cgroup ``path`` (best effort: the subreaper still holds).
-
-    Runs in the command's child between fork and exec, so it only makes system calls.
-    """
-    with contextlib.suppress(OSError):
-        move_to_cgroup(path)
 
 
 def move_to_cgroup(path: str) -> None:
@@ -453,8 +445,7 @@ def resolve_command(argv0: str, workdir: str, path: str) -> str | None:
     return argv0 if os.path.exists(argv0) else None
 
 
-def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str | None,
-             home: str | None) -> Result:
+def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> Result:
     argv: list[str] = params["argv"]
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
@@ -473,7 +464,7 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str
         return exits.NOT_EXECUTABLE, f"{argv[0]}: not executable", {}
 
     try:
-        proc = start_command([program, *argv[1:]], workdir, env, cgroup, home)
+        proc = start_command([program, *argv[1:]], workdir, env)
     except PermissionError:
         return exits.NOT_EXECUTABLE, f"{argv[0]}: not executable (permission denied)", {}
     except FileNotFoundError:
@@ -490,45 +481,36 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str, cgroup: str
     return exits.from_returncode(proc.returncode), "", {}
 
 
-def start_command(argv: list[str], workdir: str, env: dict[str, str], cgroup: str | None,
-                  home: str | None) -> subprocess.Popen[bytes]:
-    """Start a command in a session of its own and in ``cgroup`` (where there is one), with
-    its output on pipes, so that it cannot outlive this process.
+def start_command(argv: list[str], workdir: str, env: dict[str, str],
+                  contained: bool | None = None) -> subprocess.Popen[bytes]:
+    """Start a command in a session of its own, with its output on pipes, so that it cannot
+    outlive this process.
 
     Python cannot run between a vfork and an exec, and a fork of this process costs more than
     a small command takes (some 2 ms here, and as much again in copy-on-write faults after).
-    Where there is a cgroup, a vfork executes the command while this process stands in the
-    cgroup for the moment (moving back to ``home``, its own): the cgroup holds everything the
-    command starts, and it is killed when the command's job ends, when this process is killed
-    (by the supervisor) or cancelled, and at the next start of a daemon that was killed.
-    Without one, the command needs a death signal of its own: where util-linux's ``setpriv``
-    can set it (see :func:`command_launcher`), a vfork executes ``setpriv --pdeathsig KILL --
-    COMMAND`` (an exec more, some 1.2 ms here). Elsewhere, and for a program that is neither a
-    ``#!`` script nor an ELF binary (``setpriv`` would hand it to /bin/sh where an exec fails),
-    a fork sets it up.
+    Where this process has a cgroup of its own (``contained``; by default, whether it moved to
+    one at start), a vfork executes the command, which starts in that cgroup: the supervisor
+    kills the cgroup when this process ends, however it ends, and a daemon's next start kills
+    what one that was killed left. Without one, the command needs a death signal of its own:
+    where util-linux's ``setpriv`` can set it (see :func:`command_launcher`), a vfork executes
+    ``setpriv --pdeathsig KILL -- COMMAND`` (an exec more, some 1.2 ms here). Elsewhere, and
+    for a program that is neither a ``#!`` script nor an ELF binary (``setpriv`` would hand it
+    to /bin/sh where an exec fails), a fork sets it up.
     """
     options: dict[str, Any] = {
         "cwd": workdir, "env": env, "stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
         "stderr": subprocess.PIPE, "start_new_session": True,
     }
-    if cgroup is not None and home is not None:
-        join_cgroup(cgroup)
-        try:
-            return subprocess.Popen(argv, **options)
-        finally:
-            move_to_cgroup(home)  # should it fail, the clean-up kills this process too
+    if _contained if contained is None else contained:
+        return subprocess.Popen(argv, **options)
     launcher = command_launcher()
-    if cgroup is None and launcher and _runs_itself(argv[0]):
+    if launcher and _runs_itself(argv[0]):
         return subprocess.Popen([*launcher, *argv], **options)
-
-    def child_setup() -> None:  # safe: this process has a single thread
-        die_with_parent()
-        if cgroup is not None:
-            join_cgroup(cgroup)  # before exec, so all the command starts is in the cgroup too
-
-    return subprocess.Popen(argv, preexec_fn=child_setup, **options)
+    return subprocess.Popen(argv, preexec_fn=die_with_parent, **options)
 
 
+#: Whether this process moved to a cgroup of its own at start (see :func:`serve`).
+_contained = False
 _launcher: list[str] | None = None
 
 

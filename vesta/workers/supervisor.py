@@ -17,14 +17,18 @@ stays or not).
 
 The daemon claims a :class:`JobSpace` for its node at start: a private temp directory for
 multiprocessing's files and the exec working directories (so that nothing piles up in /tmp after
-a crash), and, where it has a delegated cgroup v2, one cgroup per exec command (so that nothing a
-command starts outlives its job, whatever session it moves to).
+a crash), and, where it has a delegated cgroup v2, one cgroup per job process, in which the
+process runs its commands (so that nothing a command starts outlives the process, whatever
+session it moves to). A process keeps its cgroup for its whole life: moving a process between
+cgroups waits, now and then, for the kernel to let every CPU pass a quiescent state, which on
+a machine with a busy core costs 10-20 ms; one move per command was the tail of small jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import multiprocessing
 import os
@@ -114,7 +118,7 @@ class JobSpace:
     by one of this node that died, and removes it.
 
     ``cgroup``, where the daemon may create a cgroup v2 under its own (root, or a delegated
-    subtree such as systemd's ``Delegate=yes``), is the parent of one cgroup per exec command,
+    subtree such as systemd's ``Delegate=yes``), is the parent of one cgroup per job process,
     created with the first of them; None elsewhere.
     """
 
@@ -123,11 +127,11 @@ class JobSpace:
     lock: int | None = None
     replaced: str | None = None  # multiprocessing's temp directory before this one
 
-    def job_cgroup(self, worker_id: str) -> str | None:
-        """A new cgroup for one exec command, or None where there is none to have."""
+    def job_cgroup(self, name: str) -> str | None:
+        """A new cgroup for one job process, or None where there is none to have."""
         if self.cgroup is None:
             return None
-        path = os.path.join(self.cgroup, worker_id)
+        path = os.path.join(self.cgroup, name)
         try:
             try:
                 os.mkdir(path)
@@ -183,9 +187,9 @@ def open_job_space(name: str, root: str = SPACE_ROOT) -> JobSpace:
         space.cgroup = delegated_cgroup(os.path.basename(space.tmpdir))
         if space.cgroup is not None:
             _remove_cgroups(space.cgroup, "left by a vestad of this node that was killed")
-    logger.info("job processes: files in %s; exec commands in %s", space.tmpdir or root,
+    logger.info("job processes: files in %s; %s", space.tmpdir or root,
                 f"a cgroup each, under {space.cgroup}" if space.cgroup
-                else "no cgroup (no delegated cgroup v2 here)")
+                else "no cgroups (no delegated cgroup v2 here)")
     _space = space
     return space
 
@@ -228,8 +232,8 @@ def _claim_tmpdir(space: JobSpace, path: str, root: str) -> None:
 
 
 def _remove_cgroups(parent: str, why: str = "") -> None:
-    """Kill and remove every cgroup directly below ``parent`` (each holds one exec command), then
-    ``parent`` itself."""
+    """Kill and remove every cgroup directly below ``parent`` (each holds one job process and
+    what it started), then ``parent`` itself."""
     try:
         children = [entry.path for entry in os.scandir(parent) if entry.is_dir()]
     except OSError:
@@ -238,7 +242,7 @@ def _remove_cgroups(parent: str, why: str = "") -> None:
         if not jobs.kill_cgroup(path):
             logger.warning("cannot remove the cgroup %s", path)
     if children and why:
-        logger.info("killed %d exec jobs %s", len(children), why)
+        logger.info("removed %d job process cgroups %s, and what was in them", len(children), why)
     with contextlib.suppress(OSError):
         os.rmdir(parent)
 
@@ -309,6 +313,7 @@ class _Worker:
     conn: Connection
     lend: bool
     warm: bool  # whether it waits for another task once its task is done
+    cgroup: str | None = None  # its own, where its commands run too
     piece: _Piece | None = None  # what it runs now; None while idle
     idle_since: float = 0.0
     ending: bool = False  # killed or retired: it takes no more tasks
@@ -323,7 +328,6 @@ class _Piece:
     worker: _Worker
     kill_at: float | None = None  # when an exec piece asked to stop gets SIGKILL
     share: str | None = None  # the group whose unit counter it shares
-    cgroup: str | None = None  # an exec command's own cgroup
     pgid: int | None = None
     credit: int = 0  # output credit not yet sent to its process
 
@@ -356,6 +360,7 @@ class Supervisor(threading.Thread):
         self._idle: dict[bool, list[_Worker]] = {False: [], True: []}  # lend -> idle, last on top
         self._pieces: dict[str, _Piece] = {}  # worker id -> the piece it runs
         self._counters: dict[str, jobs.UnitCounter] = {}  # share group -> its unit counter
+        self._serial = itertools.count(1)  # names the job processes' cgroups
         self._closing = False
 
     # -- called from other threads -----------------------------------------------------------------
@@ -428,24 +433,20 @@ class Supervisor(threading.Thread):
             self.report(WorkerExited(worker_id, 1, "the daemon is stopping"))
             return
         share = params.get("share")
-        cgroup = None
         try:
             if share is not None and share not in self._counters:
                 # one counter per group, held until the group has ended
                 self._counters[share] = jobs.UnitCounter.create(params["start"])
             if kind == "exec" and self.space is not None:
-                cgroup = self.space.job_cgroup(worker_id)
-                home = os.path.dirname(self.space.cgroup) if self.space.cgroup else None
-                params = {**params, "tmpdir": self.space.tmpdir, "cgroup": cgroup,
-                          "home_cgroup": home}
+                params = {**params, "tmpdir": self.space.tmpdir}
             worker = self._take_idle(lend) if kind in WARM_KINDS else None
-            if worker is None or not self._assign(worker, worker_id, kind, params, cgroup):
+            if worker is None or not self._assign(worker, worker_id, kind, params):
                 worker = self._spawn(kind, lend)
-                if not self._assign(worker, worker_id, kind, params, cgroup):
+                if not self._assign(worker, worker_id, kind, params):
                     raise OSError("the new job process closed its pipe")
         except Exception as exc:  # out of file descriptors; the fork server cannot fork
             logger.error("cannot start a %s worker: %s", kind, exc)
-            self._release(share, cgroup)
+            self._release(share)
             self.report(WorkerExited(worker_id, 1, f"cannot start a job process: {exc}"))
 
     def _take_idle(self, lend: bool) -> _Worker | None:
@@ -462,25 +463,29 @@ class Supervisor(threading.Thread):
         """A new job process from the fork server, waiting for its first task."""
         ctx = job_context()
         conn, theirs = ctx.Pipe(duplex=True)  # a socket pair: it may carry file descriptors
-        process = ctx.Process(target=jobs.serve, args=(theirs, lend), name="vesta-job",
+        cgroup = (self.space.job_cgroup(f"job-{next(self._serial)}")
+                  if self.space is not None else None)
+        process = ctx.Process(target=jobs.serve, args=(theirs, lend, cgroup), name="vesta-job",
                               daemon=True)
         try:
             process.start()
         except BaseException:
             conn.close()
+            if cgroup is not None:
+                jobs.kill_cgroup(cgroup, wait=0.0)
             raise
         finally:
             theirs.close()
-        worker = _Worker(process, conn, lend, warm=kind in WARM_KINDS)
+        worker = _Worker(process, conn, lend, warm=kind in WARM_KINDS, cgroup=cgroup)
         self._workers.append(worker)
         self._selector.register(process.sentinel, selectors.EVENT_READ, (worker, "ended"))
         return worker
 
     def _assign(self, worker: _Worker, worker_id: str, kind: str, params: dict[str, Any],
-                cgroup: str | None) -> bool:
+                ) -> bool:
         """Hand a piece to a waiting process; False (and the process ends) if it is gone."""
         share = params.get("share")
-        piece = _Piece(worker_id, kind, worker, share=share, cgroup=cgroup)
+        piece = _Piece(worker_id, kind, worker, share=share)
         try:
             worker.conn.send(("task", kind, params))
             if share is not None:
@@ -538,7 +543,7 @@ class Supervisor(threading.Thread):
         worker.piece = None
         self._selector.unregister(worker.conn)
         del self._pieces[piece.worker_id]
-        self._release(piece.share, piece.cgroup)
+        self._release(piece.share)
         self.report(exited)
         if worker.warm and reusable and not worker.ending and not self._closing:
             worker.idle_since = time.monotonic()
@@ -546,15 +551,12 @@ class Supervisor(threading.Thread):
         else:
             self._end(worker)
 
-    def _release(self, share: str | None, cgroup: str | None) -> None:
-        """Drop a group's unit counter once no piece of it runs; remove a command's cgroup
-        (its process normally has: then this finds nothing to do)."""
+    def _release(self, share: str | None) -> None:
+        """Drop a group's unit counter once no piece of it runs."""
         if share is not None and not any(p.share == share for p in self._pieces.values()):
             counter = self._counters.pop(share, None)
             if counter is not None:
                 counter.close()
-        if cgroup is not None and not jobs.kill_cgroup(cgroup, wait=0.2):
-            logger.warning("cannot remove the cgroup %s; it goes when the daemon stops", cgroup)
 
     def _reap(self, worker: _Worker) -> None:
         """A job process ended: forget it, and report its piece if it died running one."""
@@ -567,11 +569,14 @@ class Supervisor(threading.Thread):
         self._workers.remove(worker)
         with contextlib.suppress(ValueError):
             self._idle[worker.lend].remove(worker)
+        if piece is not None and piece.pgid is not None:  # it died before cleaning up
+            exits.kill_group(piece.pgid)
+        if worker.cgroup is not None and not jobs.kill_cgroup(worker.cgroup, wait=0.2):
+            logger.warning("cannot remove the cgroup %s; it goes when the daemon stops",
+                           worker.cgroup)
         if piece is not None:
             del self._pieces[piece.worker_id]
-            if piece.pgid is not None:  # it died before cleaning up
-                exits.kill_group(piece.pgid)
-            self._release(piece.share, piece.cgroup)
+            self._release(piece.share)
             status = worker.process.exitcode
             code = exits.from_returncode(status) if status is not None and status < 0 else 1
             killed = status is not None and status < 0
@@ -586,10 +591,8 @@ class Supervisor(threading.Thread):
         after its command."""
         worker = piece.worker
         worker.ending = True
-        if piece.pgid is not None:  # the command runs, and its worker has left its cgroup
-            exits.kill_group(piece.pgid)
-            if piece.cgroup is not None:
-                jobs.kill_cgroup(piece.cgroup, wait=0.0)
+        if piece.pgid is not None:  # the command runs: its session goes now, the rest with the
+            exits.kill_group(piece.pgid)  # worker's clean-up and its cgroup once it ended
         if piece.kind == "exec" and piece.kill_at is None:
             piece.kill_at = time.monotonic() + TERM_GRACE
             with contextlib.suppress(OSError, ValueError, AttributeError):
