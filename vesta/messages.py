@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar, Union
 
 import msgpack
@@ -187,15 +188,14 @@ def _from_list(obj: Any, scope: Scope, depth: int) -> Message:
         raise DecodeError(f"unknown message type {obj[0][:40]!r}")
     if not cls.scope & scope:
         raise DecodeError(f"{cls.tag} may not come from {_where(scope)}")
-    hints = _field_types(cls)
+    checkers = _checkers(cls)
     values = obj[1:]
-    if len(values) != len(hints):
-        raise DecodeError(f"{cls.tag} takes {len(hints)} fields, got {len(values)}")
-    checked = {
-        name: _check(value, hint, f"{cls.tag}.{name}", scope, depth)
-        for (name, hint), value in zip(hints.items(), values, strict=True)
-    }
-    return cls(**checked)
+    if len(values) != len(checkers):
+        raise DecodeError(f"{cls.tag} takes {len(checkers)} fields, got {len(values)}")
+    msg = object.__new__(cls)
+    for (name, where, check), value in zip(checkers, values, strict=True):
+        object.__setattr__(msg, name, check(value, where, scope, depth))
+    return msg
 
 
 def _where(scope: Scope) -> str:
@@ -215,6 +215,95 @@ def _field_types(cls: type[Message]) -> dict[str, Any]:
     return hints
 
 
+#: A field's check: (value, where, scope, depth) -> the value, nested messages decoded.
+_Checker = Callable[[Any, str, Scope, int], Any]
+_CHECKERS: dict[type, list[tuple[str, str, _Checker]]] = {}
+
+
+def _checkers(cls: type[Message]) -> list[tuple[str, str, _Checker]]:
+    """Each field's name, its place for error messages, and its check, made once per type."""
+    checkers = _CHECKERS.get(cls)
+    if checkers is None:
+        checkers = [(name, f"{cls.tag}.{name}", _compile(hint))
+                    for name, hint in _field_types(cls).items()]
+        _CHECKERS[cls] = checkers
+    return checkers
+
+
+def _compile(hint: Any) -> _Checker:
+    """The check of one field type, with the type's introspection done once, here."""
+    if hint is Any:
+        return lambda value, where, scope, depth: _plain(value, where)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [_compile(option) for option in typing.get_args(hint)]
+
+        def union(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            for check in options:
+                try:
+                    return check(value, where, scope, depth)
+                except DecodeError:
+                    continue
+            raise _misfit(value, hint, where)
+        return union
+    if hint is type(None):
+        def none(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if value is None:
+                return None
+            raise _misfit(value, hint, where)
+        return none
+    if isinstance(hint, type) and issubclass(hint, Message):
+        def message(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if isinstance(value, _Nested):
+                inner = _from_list(value, scope, depth + 1)
+                if isinstance(inner, hint):
+                    return inner
+            raise _misfit(value, hint, where)
+        return message
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        check_item = _compile(item)
+
+        def items(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if isinstance(value, list):
+                return [check_item(v, where, scope, depth) for v in value]
+            raise _misfit(value, hint, where)
+        return items
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        check_key, check_value = _compile(key), _compile(item)
+
+        def mapping(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if isinstance(value, dict):
+                return {check_key(k, where, scope, depth): check_value(v, where, scope, depth)
+                        for k, v in value.items()}
+            raise _misfit(value, hint, where)
+        return mapping
+    if hint is float:
+        def number(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            raise _misfit(value, hint, where)
+        return number
+    if hint is int:
+        def integer(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise _misfit(value, hint, where)
+        return integer
+    if hint in (str, bytes, bool):
+        def exact(value: Any, where: str, scope: Scope, depth: int) -> Any:
+            if type(value) is hint:
+                return value
+            raise _misfit(value, hint, where)
+        return exact
+    raise TypeError(f"field type {hint} is not supported in a vesta message")
+
+
+def _misfit(value: Any, hint: Any, where: str) -> DecodeError:
+    return DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
+
+
 def _plain(value: Any, where: str) -> Any:
     """A field typed ``Any`` holds plain msgpack data: a message inside it is refused."""
     stack = [value]
@@ -228,51 +317,6 @@ def _plain(value: Any, where: str) -> Any:
             stack.extend(item.keys())
             stack.extend(item.values())
     return value
-
-
-def _check(value: Any, hint: Any, where: str, scope: Scope, depth: int) -> Any:
-    """Return ``value`` (nested messages decoded) if it fits ``hint``, else raise DecodeError."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return _plain(value, where)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check(value, option, where, scope, depth)
-            except DecodeError:
-                continue
-        raise DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif isinstance(hint, type) and issubclass(hint, Message):
-        if isinstance(value, _Nested):
-            inner = _from_list(value, scope, depth + 1)
-            if isinstance(inner, hint):
-                return inner
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(hint) or (Any,)
-            return [_check(v, item, where, scope, depth) for v in value]
-    elif origin is dict:
-        if isinstance(value, dict):
-            key, item = typing.get_args(hint) or (Any, Any)
-            return {
-                _check(k, key, where, scope, depth): _check(v, item, where, scope, depth)
-                for k, v in value.items()
-            }
-    elif hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint in (str, bytes, bool):
-        if type(value) is hint:
-            return value
-    else:
-        raise DecodeError(f"{where}: field type {hint} is not supported")
-    raise DecodeError(f"{where}: {type(value).__name__} does not fit {hint}")
 
 
 # -- jobs ------------------------------------------------------------------------------------------
