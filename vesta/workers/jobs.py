@@ -9,7 +9,9 @@ It reports to its parent over the same pipe with small tuples:
 - ``("units", {index: digest, ...})`` cpu units finished, sent in batches (see
   :data:`REPORT_INTERVAL`) so that the daemon wakes seldom while a job runs on its core;
 - ``("out", stream, data)`` an exec command wrote output;
-- ``("pgid", pgid)`` the process group of an exec command, so the parent can kill it;
+- ``("pgid", pgid)`` the process group of an exec command that runs for more than a moment
+  (:data:`PGID_AFTER`), so the parent can kill it at once on a cancel (before that, the
+  process's own clean-up on SIGTERM does it: a small command costs no report more);
 - ``("done", exit_code, error, detail, reusable)`` the task ended (error "" when it ran to
   completion), everything it left is cleaned up, and the process takes another task if
   ``reusable`` (False after an unexpected error: the process then exits).
@@ -52,6 +54,8 @@ from vesta import exits
 UNIT_ITERATIONS = 100_000
 #: Bytes of an exec command's output that may be on their way to its reader, not yet taken.
 OUTPUT_WINDOW = 1 << 20
+#: Seconds an exec command runs before its process group is reported to the supervisor.
+PGID_AFTER = 0.02
 #: A cpu job process reports its finished units at most this often, in seconds.
 REPORT_INTERVAL = 0.25
 UNITS_PER_MILLION = 10
@@ -474,7 +478,6 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> Result:
             return exits.NOT_EXECUTABLE, f"{argv[0]}: not executable ({exc.strerror})", {}
         return exits.NOT_RUN, f"{argv[0]}: cannot run: {exc.strerror}", {}
     with proc:  # closes its pipes: this process may run many commands
-        conn.send(("pgid", proc.pid))
         timed_out = _pump(conn, proc, params.get("timeout"), params.get("window", OUTPUT_WINDOW))
     if timed_out:
         return exits.TIMED_OUT, f"timed out after {params['timeout']:g} s", {}
@@ -573,6 +576,7 @@ def _pidfd(pid: int) -> int | None:
 def _relay(conn: Connection, proc: subprocess.Popen[bytes], pidfd: int | None,
            timeout: float | None, window: int) -> bool:
     deadline = None if timeout is None else time.monotonic() + timeout
+    tell_pgid_at: float | None = time.monotonic() + PGID_AFTER
     assert proc.stdout is not None and proc.stderr is not None
     streams = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
     unacked = 0
@@ -589,7 +593,12 @@ def _relay(conn: Connection, proc: subprocess.Popen[bytes], pidfd: int | None,
         quiet = unacked < window and now - max(exited_at or 0.0, last_data) > 1.0
         if exited_at is not None and (not streams or quiet or timed_out):
             break  # exited, and its pipes are closed or held by something it left behind
+        if tell_pgid_at is not None and exited_at is None and now >= tell_pgid_at:
+            conn.send(("pgid", proc.pid))
+            tell_pgid_at = None
         wait = 0.2 if deadline is None or timed_out else max(0.0, min(0.2, deadline - now))
+        if tell_pgid_at is not None:
+            wait = max(0.0, min(wait, tell_pgid_at - now))
         watched = [*(streams if unacked < window else ()), conn.fileno()]
         if exited_at is None and pidfd is not None:
             watched.append(pidfd)
