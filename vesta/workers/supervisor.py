@@ -83,6 +83,9 @@ def job_context() -> Any:
 TERM_GRACE = 2.0
 #: Seconds a job process waits for another task before it retires.
 IDLE_SECONDS = 30.0
+#: Names the job processes' cgroups, uniquely in this process (a test may run supervisors
+#: side by side in one space).
+_CGROUP_SERIAL = itertools.count(1)
 #: Seconds before credit that found a job process's pipe full is tried again.
 CREDIT_RETRY = 0.01
 #: The kinds of task whose process stays for the next one. Stress pins its process to one core
@@ -360,7 +363,6 @@ class Supervisor(threading.Thread):
         self._idle: dict[bool, list[_Worker]] = {False: [], True: []}  # lend -> idle, last on top
         self._pieces: dict[str, _Piece] = {}  # worker id -> the piece it runs
         self._counters: dict[str, jobs.UnitCounter] = {}  # share group -> its unit counter
-        self._serial = itertools.count(1)  # names the job processes' cgroups
         self._closing = False
 
     # -- called from other threads -----------------------------------------------------------------
@@ -463,7 +465,7 @@ class Supervisor(threading.Thread):
         """A new job process from the fork server, waiting for its first task."""
         ctx = job_context()
         conn, theirs = ctx.Pipe(duplex=True)  # a socket pair: it may carry file descriptors
-        cgroup = (self.space.job_cgroup(f"job-{next(self._serial)}")
+        cgroup = (self.space.job_cgroup(f"job-{next(_CGROUP_SERIAL)}")
                   if self.space is not None else None)
         process = ctx.Process(target=jobs.serve, args=(theirs, lend, cgroup), name="vesta-job",
                               daemon=True)
