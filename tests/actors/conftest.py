@@ -140,6 +140,20 @@ class Wiring:
     transport: ProbeHandle
 
 
+class ProbeOutbox:
+    """Stands in for the control outbox: what actors send to clients reaches a probe, at once."""
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self.ref = ref
+
+    def tell(self, message: Any) -> None:
+        self.ref.tell(message)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        yield
+
+
 @pytest.fixture
 def wiring() -> Wiring:
     """Probes in every role (the autouse fixture of tests/conftest.py stops them afterwards)."""
@@ -148,7 +162,7 @@ def wiring() -> Wiring:
     probes = {role: ProbeHandle.start() for role in roles}
     for role, probe in probes.items():
         setattr(links, role, probe.ref)
-    links.clients = probes["control"].ref  # what actors send to clients reaches this probe
+    links.clients = ProbeOutbox(probes["control"].ref)  # what actors send clients goes here
     return Wiring(links, Counters(), **probes)
 
 

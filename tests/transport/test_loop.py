@@ -230,3 +230,18 @@ def test_a_buffer_grown_for_large_frames_shrinks_once_they_stop(
     wait_for(lambda: len(accepted.buffer) == loop_module.READ_BUFFER, timeout=10,
              what="the buffer to shrink back")
     assert server.frames[1] == b"small"
+
+
+def test_frames_sent_together_arrive_in_order_each_reported_written(loop: IoLoop) -> None:
+    """send_all writes several frames in one go where the socket takes them; what it does not
+    take (a megabyte does not fit) goes out from the loop, and each callback comes in order."""
+    server, _client, conn_id = _linked(loop)
+    payloads = [b"accepted", b"started", secrets.token_bytes(1 << 20), b"", b"done"]
+    written: list[int] = []
+    assert loop.send_all(conn_id, [(payload, lambda i=i: written.append(i))  # type: ignore[misc]
+                                   for i, payload in enumerate(payloads)])
+    assert loop.send(conn_id, b"after")
+    wait_for(lambda: len(server.frames) == len(payloads) + 1, timeout=10, what="every frame")
+    assert server.frames == [*payloads, b"after"]
+    wait_for(lambda: len(written) == len(payloads), timeout=10, what="every callback")
+    assert written == list(range(len(payloads)))

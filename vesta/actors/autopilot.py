@@ -157,6 +157,10 @@ class Autopilot(VestaActor):
         return self.booked[HERE]
 
     def handle(self, message: Message) -> Any:
+        with self.links.clients.batch():  # what one message makes us tell a client goes at once
+            return self.react(message)
+
+    def react(self, message: Message) -> Any:
         match message:
             case NodeInfo():
                 self.node = message

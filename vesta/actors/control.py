@@ -18,6 +18,8 @@ import os
 import socket
 import stat
 import struct
+import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -96,21 +98,43 @@ def open_control_socket(path: str) -> socket.socket:
 class ClientOutbox:
     """Where actors send :class:`ToClient` messages: each is encoded and queued on its client's
     connection at once, in the sender's thread (:meth:`IoLoop.send` may be called from any).
-    It has an actor's ``tell``, so a test may put a probe in its place."""
+    Within :meth:`batch`, what a thread sends is held and written per client in one go when
+    the batch ends: a job's acceptance and start then wake its client once. It has an actor's
+    ``tell``, so a test may put a probe (and a batch that holds nothing) in its place."""
 
     def __init__(self, loop: IoLoop, links: Links) -> None:
         self.loop = loop
         self.links = links
+        self._held = threading.local()
 
     def tell(self, message: ToClient) -> None:
-        match message:
-            case ToClient(client=client, msg=JobOutput(job_id=job_id, data=data) as msg):
-                # once the client's socket took it, that much more output may come
-                ack = ClientRequest(client, OutputAck(job_id, len(data)))
-                self.loop.send(client, encode(msg),
-                               written=partial(tell_quietly, self.links.autopilot, ack))
-            case ToClient(client=client, msg=msg):
-                self.loop.send(client, encode(msg))
+        client, msg = message.client, message.msg
+        written = None
+        if isinstance(msg, JobOutput):  # once the client's socket took it, more may come
+            ack = ClientRequest(client, OutputAck(msg.job_id, len(msg.data)))
+            written = partial(tell_quietly, self.links.autopilot, ack)
+        held: dict[int, list[tuple[bytes, Any]]] | None = getattr(self._held, "frames", None)
+        if held is not None:
+            held.setdefault(client, []).append((encode(msg), written))
+        else:
+            self.loop.send(client, encode(msg), written=written)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Hold what this thread sends until the end of the block, then write it per client."""
+        if getattr(self._held, "frames", None) is not None:  # already in one
+            yield
+            return
+        self._held.frames = {}
+        try:
+            yield
+        finally:
+            held, self._held.frames = self._held.frames, None
+            for client, frames in held.items():
+                if len(frames) == 1:
+                    self.loop.send(client, frames[0][0], written=frames[0][1])
+                else:
+                    self.loop.send_all(client, frames)
 
 
 class ControlChannel(Channel):

@@ -172,6 +172,15 @@ class IoLoop(threading.Thread):
         thread, which on a busy core is a wait of its own. What the socket does not take is left
         to the loop, in order.
         """
+        return self._send(conn_id, [(payload, plain, written)], close_after)
+
+    def send_all(self, conn_id: int,
+                 frames: list[tuple[bytes, Callable[[], object] | None]]) -> bool:
+        """Queue several frames (payload, written-callback) at once, as :meth:`send` would one
+        by one, but written together: one system call, one wake-up of whoever reads them."""
+        return self._send(conn_id, [(payload, False, written) for payload, written in frames])
+
+    def _send(self, conn_id: int, frames: list[_Frame], close_after: bool = False) -> bool:
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing or conn.retiring:
@@ -181,23 +190,24 @@ class IoLoop(threading.Thread):
                 with self._lock:
                     idle = (not conn.out and not conn.pending and not conn.closing
                             and not conn.retiring and conn_id in self._conns)
-                if idle and self._write_now(conn, payload, plain, written):
+                if idle and self._write_now(conn, frames):
                     return True
             finally:
                 conn.write_lock.release()
+        size = sum(len(payload) for payload, _plain, _written in frames)
         with self._lock:
             conn = self._conns.get(conn_id)
             if conn is None or conn.closing or conn.retiring:
                 return False
-            if conn.queued + len(payload) > self.max_queued:
+            if conn.queued + size > self.max_queued:
                 logger.warning("connection %d does not read what it is sent; dropping it", conn_id)
                 conn.out.clear()
                 conn.queued = 0
                 conn.closing = conn.stuck = True  # dropped now: what is pending never goes
                 ok = False
             else:
-                conn.out.append((payload, plain, written))
-                conn.queued += len(payload)
+                conn.out.extend(frames)
+                conn.queued += size
                 conn.closing = close_after
                 ok = True
         self._wake()
@@ -492,31 +502,41 @@ class IoLoop(threading.Thread):
                 and time.monotonic() - conn.grown_at > KEEP_GROWN_S):  # large frames stopped
             conn.buffer = _buffer(READ_BUFFER)
 
-    def _write_now(self, conn: Conn, payload: bytes, plain: bool,
-                   written: Callable[[], object] | None) -> bool:
-        """Wrap and write one frame on an idle connection, from the calling thread (holding the
-        connection's write lock); what the socket does not take waits in ``pending`` for the
-        loop. False, with nothing done, if the frame cannot be wrapped here (the loop will try,
-        and say why)."""
+    def _write_now(self, conn: Conn, frames: list[_Frame]) -> bool:
+        """Wrap and write frames on an idle connection, from the calling thread (holding the
+        connection's write lock), in one ``sendmsg``; what the socket does not take waits in
+        ``pending`` for the loop. False, with nothing done, if a frame cannot be wrapped here
+        (the loop will try, and say why)."""
+        chunks: list[memoryview] = []
+        ends: list[tuple[int, Callable[[], object]]] = []  # each callback, where its frame ends
+        size = 0
         try:
-            chunks = [memoryview(c) for c in (
-                _plain_frame(payload) if plain else conn.channel.wrap(payload)) if c]
+            for payload, plain, written in frames:
+                for wrapped in _plain_frame(payload) if plain else conn.channel.wrap(payload):
+                    if wrapped:
+                        chunks.append(memoryview(wrapped))
+                        size += len(wrapped)
+                if written is not None:
+                    ends.append((size, written))
         except Exception:
             return False
-        size = sum(len(c) for c in chunks)
         try:
             n = conn.sock.sendmsg(chunks)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:  # the loop meets the error too, and drops the connection
             n = 0
-        if n == size:
+        if n:
             conn.last_sent = time.monotonic()
-            if written is not None:
+        for end, written in ends:
+            if end <= n:
                 try:
                     written()
                 except Exception:
                     logger.exception("a written-callback failed")
+            else:  # out once no more is pending than what followed its frame
+                conn.written.append((size - end, written))
+        if n == size:
             return True
         for chunk in chunks:  # the rest goes out from the loop
             if n >= len(chunk):
@@ -525,8 +545,6 @@ class IoLoop(threading.Thread):
             conn.pending.append(chunk[n:])
             conn.pending_bytes += len(chunk) - n
             n = 0
-        if written is not None:
-            conn.written.append((0, written))
         self._wake()
         return True
 
@@ -615,6 +633,11 @@ class IoLoop(threading.Thread):
             conn.channel.closed(conn, reason)
         except Exception:
             logger.exception("a channel failed to close")
+
+
+#: One queued frame: its payload, whether it is written as it is (not wrapped), and what to
+#: call once it is in the socket.
+_Frame = tuple[bytes, bool, "Callable[[], object] | None"]
 
 
 def _buffer(size: int) -> mmap.mmap:
