@@ -119,8 +119,11 @@ def bench_remote(daemons: Daemons, load: Load, jobs: int, details: dict[str, Any
     a is pinned to core 0 and kept busy with ``vesta stress``, so that its work spills; b is
     pinned to core 1 and lends exec (``-allow-exec``). The remote job is submitted to a and must
     run on b; the local one is submitted to b and runs there (a does not lend exec, so b never
-    spills). Both run on core 1; they alternate, the order swapped every other pair.
+    spills). Both run on core 1; they alternate, the order swapped every other pair. The bench
+    submits each job from where its user would: a remote job from a's core, where the owner's
+    work (the stress) runs too; a local one from b's core.
     """
+    mine = os.sched_getaffinity(0)
     a, b = daemons.pair(("remote-a", "remote-b"), ({0}, {1}),
                         (("-spill-cpu-pct", str(SPILL_CPU_PCT)), ("-allow-exec",)))
     with Client(a.socket, timeout=30) as to_a, Client(b.socket, timeout=30) as to_b:
@@ -148,6 +151,7 @@ def bench_remote(daemons: Daemons, load: Load, jobs: int, details: dict[str, Any
                 order = ("remote", "local") if i % 2 == 0 else ("local", "remote")
                 for kind in order:
                     client = to_a if kind == "remote" else to_b
+                    os.sched_setaffinity(0, {0} if kind == "remote" else {1})  # see above
                     with load.watch():
                         started, took, done = timed_job(client, TRUE)
                     if _node(done) != b.name:
@@ -161,6 +165,7 @@ def bench_remote(daemons: Daemons, load: Load, jobs: int, details: dict[str, Any
                         f"{percentile(times['remote'], 50):.1f} ms, local "
                         f"{percentile(times['local'], 50):.1f} ms")
         finally:
+            os.sched_setaffinity(0, mine)
             with contextlib.suppress(VestaError):
                 to_a.request(StopStressRequest())
     daemons.stop(a)
