@@ -38,7 +38,7 @@ from harness import (
     say,
 )
 
-from vesta.client import Client, RequestFailed, VestaError
+from vesta.client import Client, RequestFailed, VestaError, answers
 from vesta.messages import (
     ExecJob,
     JobDone,
@@ -304,15 +304,6 @@ def _lab() -> Any:
     return netlab.unavailable_reason() or netlab
 
 
-def _answers(sock: str) -> bool:
-    try:
-        with Client(sock, timeout=2) as client:
-            client.status()
-    except VestaError:
-        return False
-    return True
-
-
 def _lists_up(sock: str, name: str) -> bool:
     try:
         with Client(sock, timeout=2) as client:
@@ -338,7 +329,7 @@ class _LabDaemon:
     def wait_ready(self) -> float:
         """Seconds from the start until the control socket answers."""
         _wait(f"lab vestad {self.name} to answer", DISCOVERY_TIMEOUT,
-              lambda: self._alive() and _answers(self.socket))
+              lambda: self._alive() and answers(self.socket))
         return time.monotonic() - self.started
 
     def _alive(self) -> bool:
@@ -382,7 +373,7 @@ def bench_discovery(load: Load, rounds: int, details: dict[str, Any]) -> list[Ro
                     ready = None
                     deadline = second.started + DISCOVERY_TIMEOUT
                     while True:
-                        if ready is None and second._alive() and _answers(second.socket):
+                        if ready is None and second._alive() and answers(second.socket):
                             ready = time.monotonic() - second.started
                         if ready is not None and _lists_up(first.socket, second.name) and (
                                 _lists_up(second.socket, first.name)):

@@ -141,22 +141,13 @@ def start_daemon(tmp_path: Path, *extra: str, name: str | None = None,
 def wait_answering(daemon: Daemon, where: str = "") -> None:
     """Wait (bounded) until a daemon answers on its control socket; fail with its log if it
     exits first."""
+    from vesta.client import answers
+
     proc = daemon.proc
-    wait_for(lambda: proc.poll() is not None or _answers(daemon.socket), timeout=20,
+    wait_for(lambda: proc.poll() is not None or answers(daemon.socket), timeout=20,
              what=f"vestad {daemon.name}{where} to answer on {daemon.socket}")
     if proc.poll() is not None:
         pytest.fail(f"vestad {daemon.name} exited with {proc.returncode}:\n{daemon.log_text()}")
-
-
-def _answers(sock: str) -> bool:
-    from vesta.client import Client, VestaError
-
-    try:
-        with Client(sock, timeout=2) as client:
-            client.status()
-    except VestaError:
-        return False
-    return True
 
 
 @pytest.fixture

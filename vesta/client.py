@@ -117,6 +117,16 @@ def probe(path: str) -> str:
     return "" if uid == os.geteuid() else f"another user's: uid {uid}"
 
 
+def answers(path: str, timeout: float = 2.0) -> bool:
+    """Whether a daemon of ours answers a status request on ``path`` now."""
+    try:
+        with Client(path, timeout=timeout) as client:
+            client.status()
+    except VestaError:
+        return False
+    return True
+
+
 def peer_uid(sock: _socket.socket) -> int:
     """The user id of the process on the other end of a connected Unix socket."""
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _PEERCRED.size)
