@@ -1,9 +1,10 @@
-"""Tests for vesta.policy: SPEC's energy and offer rules as tables, the split as properties."""
+"""Tests for vesta.policy: SPEC's energy and offer rules as tables, chunk sizes as properties."""
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -11,14 +12,16 @@ from hypothesis import strategies as st
 
 from vesta.policy import (
     BATTERY_WILLINGNESS,
+    CHUNK_SECONDS,
+    FIRST_CHUNK_PER_WORKER,
     SOLAR_DEFAULT_WILLINGNESS,
     Power,
     battery_charge,
+    chunk_size,
     exec_permitted,
     offer_mem_mb,
     offer_workers,
     power_state,
-    split_units,
 )
 from vesta.sysstat import Supply
 
@@ -238,59 +241,76 @@ def test_exec_permitted(
         assert all(entry in why for entry in allowlist)
 
 
-# -- splitting ------------------------------------------------------------------------------------
+# -- chunks of a split job ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("start", "end", "parts", "expected"),
+    ("args", "expected"),
     [
-        (0, 10, 3, [(0, 4), (4, 7), (7, 10)]),
-        (0, 10, 1, [(0, 10)]),
-        (0, 2, 5, [(0, 1), (1, 2)]),
-        (40, 80, 4, [(40, 50), (50, 60), (60, 70), (70, 80)]),
-        (5, 5, 3, []),
-        (7, 3, 2, []),
-        (0, 3, 0, [(0, 3)]),
+        pytest.param((400, 2, None), 2 * FIRST_CHUNK_PER_WORKER, id="first chunk: per worker"),
+        pytest.param((1, 4, None), 1, id="first chunk: no more than is missing"),
+        pytest.param((400, 1, 20.0, [(20.0, 0)]), 20, id="a second of the node's work"),
+        pytest.param((400, 1, 20.0), 20, id="alone: a second of its work"),
+        pytest.param((30, 1, 20.0, [(20.0, 0)]), 15, id="the end: its share of what is left"),
+        pytest.param((10, 1, 20.0, [(20.0, 10)]), 10, id="units in hand count in the share"),
+        pytest.param((2, 1, 5.0, [(100.0, 3)]), 0,
+                     id="a slow node: none, a busy fast one finishes sooner"),
+        pytest.param((1, 1, 5.0, [(100.0, 30)]), 1,
+                     id="a slow node: one, the fast one is busy for long"),
+        pytest.param((1, 1, 5.0), 1, id="a slow node alone: the last unit"),
+        pytest.param((0, 1, 20.0, [(20.0, 0)]), 0, id="nothing missing"),
+        pytest.param((400, 1, 2000.0), 400, id="never more than is missing"),
     ],
 )
-def test_split_units_examples(
-    start: int, end: int, parts: int, expected: list[tuple[int, int]]
+def test_chunk_size(args: tuple[Any, ...], expected: int) -> None:
+    assert chunk_size(*args) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    missing=st.integers(0, 5000),
+    workers=st.integers(1, 16),
+    rate=st.one_of(st.none(), st.floats(0.01, 1000.0)),
+    others=st.lists(st.tuples(st.floats(0.01, 1000.0), st.integers(0, 500)), max_size=4),
+)
+def test_a_chunk_is_within_what_is_missing_and_about_a_second(
+    missing: int, workers: int, rate: float | None, others: list[tuple[float, int]],
 ) -> None:
-    assert split_units(start, end, parts) == expected
+    size = chunk_size(missing, workers, rate, others)
+    assert 0 <= size <= missing
+    if rate is not None:
+        assert size <= max(1, round(rate * CHUNK_SECONDS))
+    if missing and not any(held for _, held in others):
+        assert size >= 1 or any(1 / r < 1 / rate for r, _ in others if rate)
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    start=st.integers(min_value=-1000, max_value=10_000),
-    count=st.integers(min_value=0, max_value=2000),
-    parts=st.integers(min_value=1, max_value=64),
-)
-def test_split_covers_every_unit_once(start: int, count: int, parts: int) -> None:
-    end = start + count
-    ranges = split_units(start, end, parts)
-    assert len(ranges) <= parts
-    if count == 0:
-        assert ranges == []
-        return
-    assert ranges[0][0] == start
-    assert ranges[-1][1] == end
-    for (_, a_end), (b_start, _) in itertools.pairwise(ranges):
-        assert a_end == b_start
-    sizes = [e - s for s, e in ranges]
-    assert min(sizes) >= 1
-    assert max(sizes) - min(sizes) <= 1
-    covered = [u for s, e in ranges for u in range(s, e)]
-    assert covered == list(range(start, end))
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    start=st.integers(min_value=-100, max_value=100),
-    end=st.integers(min_value=-100, max_value=100),
-    parts=st.integers(min_value=-3, max_value=10),
-)
-def test_split_never_invents_units(start: int, end: int, parts: int) -> None:
-    ranges = split_units(start, end, parts)
-    assert sum(e - s for s, e in ranges) == max(0, end - start)
-    assert all(start <= s < e <= end for s, e in ranges)
-    assert len(ranges) <= max(1, parts)
+@given(rates=st.lists(st.floats(0.5, 200.0), min_size=2, max_size=5),
+       total=st.integers(40, 3000))
+def test_nodes_handed_chunks_as_they_finish_end_at_about_the_same_time(
+    rates: list[float], total: int,
+) -> None:
+    """Play a split to its end as the Autopilot feeds it: whenever nodes are free, each gets
+    its next chunk, the fastest first. No node works much past the ideal time (total work over
+    the sum of the rates): at most a tenth more, and the last unit of the fastest node."""
+    free_at = [0.0] * len(rates)
+    held = [0.0] * len(rates)  # units handed to each node, as of its free_at
+    missing = total
+    now = 0.0
+    while missing:
+        for node in sorted(range(len(rates)), key=lambda i: -rates[i]):
+            if free_at[node] > now or not missing:
+                continue
+            others = [(rates[i], math.ceil(max(0.0, free_at[i] - now) * rates[i] - 1e-9))
+                      for i in range(len(rates)) if i != node]
+            size = chunk_size(missing, 1, rates[node], others)
+            missing -= size
+            free_at[node] = now + size / rates[node]
+            held[node] += size
+        later = [t for t in free_at if t > now]
+        if missing and not later:
+            raise AssertionError(f"{missing} units are missing and no node took any")
+        now = min(later) if later else now
+    ideal = total / sum(rates)
+    assert max(free_at) <= ideal * 1.1 + 1 / max(rates)
+    assert sum(held) == total

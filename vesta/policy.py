@@ -1,4 +1,5 @@
-"""vesta's rules as pure functions: power and willingness, the offer, splitting, exec permission.
+"""vesta's rules as pure functions: power and willingness, the offer, placement, chunks of a
+split job, exec permission.
 
 No threads, no I/O: the actors call these with plain data, and the tests feed them tables of cases.
 """
@@ -82,21 +83,6 @@ def offer_mem_mb(
     """Memory lent to peers: what is available beyond the reserve, capped, scaled by willingness."""
     spare = mem_available_mb - mem_total_mb * reserve_pct / 100
     return max(0, math.floor(min(spare, mem_offer_mb) * willingness))
-
-
-def split_units(start: int, end: int, parts: int) -> list[tuple[int, int]]:
-    """Split units [start, end) into at most ``parts`` contiguous, near-equal, non-empty ranges."""
-    count = end - start
-    parts = max(1, min(parts, count))
-    if count <= 0:
-        return []
-    base, extra = divmod(count, parts)
-    ranges, at = [], start
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        ranges.append((at, at + size))
-        at += size
-    return ranges
 
 
 def exec_permitted(argv0: str, allow_exec: bool, allowlist: Sequence[str]) -> tuple[bool, str]:
@@ -257,35 +243,47 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
 
 #: A cpu job of at least this many units splits across two or more viable nodes (SPEC: cpu 4).
 SPLIT_MIN_UNITS = 40
+#: Seconds of a node's work in each chunk of a split job, once its rate is known.
+CHUNK_SECONDS = 1.0
+#: Units per worker in a node's first chunk of a split job: enough to measure its rate.
+FIRST_CHUNK_PER_WORKER = 2
 
 
 def split_nodes(want: Want, here: Candidate, peers: Sequence[Candidate],
-                spill_cpu_pct: float) -> list[Candidate]:
+                spill_cpu_pct: float, here_committed: bool = False) -> list[Candidate]:
     """The nodes a cpu job may split across now: this node while it is below the spill line and
-    has a free worker, and every peer that can take the job."""
-    nodes = [here] if (not unable(here, want) and here.cpu_pct < spill_cpu_pct
-                       and here.free > 0) else []
+    has a free worker, and every peer that can take the job.
+
+    Once this node runs part of a split (``here_committed``), its own load is mostly that job:
+    it goes on taking chunks while it has a free worker.
+    """
+    below = here.cpu_pct < spill_cpu_pct or here_committed
+    nodes = [here] if not unable(here, want) and below and here.free > 0 else []
     return nodes + [p for p in peers if not unable(p, want)]
 
 
-def split_plan(start: int, end: int, weights: Sequence[float]) -> list[tuple[int, int]]:
-    """Cut units [start, end) into one contiguous range per weight, sized in proportion to it
-    (each at least one unit while there are units enough); together they cover every unit once."""
-    count = end - start
-    if count <= 0 or not weights:
-        return []
-    total = sum(max(w, 0.0) for w in weights) or float(len(weights))
-    shares = [max(w, 0.0) / total if total else 1 / len(weights) for w in weights]
-    sizes = [max(1, math.floor(count * share)) for share in shares][:count]
-    while sum(sizes) > count:  # more parts than units, or rounding up too far
-        sizes[sizes.index(max(sizes))] -= 1
-    sizes = [n for n in sizes if n > 0]
-    sizes[sizes.index(max(sizes))] += count - sum(sizes)
-    ranges, at = [], start
-    for size in sizes:
-        ranges.append((at, at + size))
-        at += size
-    return ranges
+def chunk_size(missing: int, workers: int, rate: float | None,
+               others: Sequence[tuple[float, int]] = ()) -> int:
+    """How many units of a split job to hand a node that is free for it now; 0 for none.
+
+    A node whose rate (units a second) is not known yet gets a small first chunk, a few units per
+    worker, which measures it. A known node gets about ``CHUNK_SECONDS`` of its own work, but no
+    more than its share of what is left (``missing`` units not handed out, and the units the
+    ``others``, each ``(rate, units in hand)``, have yet to finish) in proportion to its rate,
+    rounded down: so the last chunks shrink and the nodes end at about the same time. Once its
+    share is under two units, it gets one only if no other node would finish one sooner, busy
+    as it is: a slow node (a Pi) never holds the job back.
+    """
+    if missing <= 0:
+        return 0
+    if rate is None or rate <= 0:
+        return min(missing, FIRST_CHUNK_PER_WORKER * max(1, workers))
+    pool = rate + sum(r for r, _ in others)
+    share = (missing + sum(u for _, u in others)) * rate / pool
+    if share >= 2:
+        return min(missing, max(1, math.floor(min(rate * CHUNK_SECONDS, share))))
+    sooner = any(r > 0 and (held + 1) / r < 1 / rate for r, held in others)
+    return 0 if sooner else 1
 
 
 def admit(want: Want, offer_workers: int, lent_busy: int, offer_mem_mb: int, lent_mem_mb: int,

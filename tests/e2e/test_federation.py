@@ -130,6 +130,22 @@ def test_the_other_node_runs_work_when_this_one_is_busy(daemon_factory: Start) -
         a.cli("stop-stress")
 
 
+def test_a_large_job_goes_out_in_chunks_to_both_idle_nodes_with_one_nodes_digest(
+    daemon_factory: Start,
+) -> None:
+    a, _b, _ = pair(daemon_factory)
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    done = a.cli("--json", "cpu", "6", "--seed", "5")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    placements = {p["node"]: p for p in result["placements"]}
+    assert placements.keys() == {"a", "b"}
+    assert sum(p["units"] for p in placements.values()) == 60
+    # a first chunk each to measure the node, then chunks of about a second of its work
+    assert all(p["chunks"] >= 2 for p in placements.values()), placements
+    assert result["digest"] == job_digest([unit_result(5, i) for i in range(60)])
+
+
 def _count_cpus(listing: str) -> int:
     """CPUs in a list such as ``0-3,6``."""
     count = 0

@@ -3,7 +3,9 @@
 It books workers on every node it uses: this node's worker slots (one per core it may use) and,
 on each peer, as many as that peer offers. A job is placed by :func:`vesta.policy.place` (here
 unless this node is busy, else the peer with the most spare capacity); when no node has room it
-waits in a first-come, first-served queue. Which units of a job are done, leased to a node or
+waits in a first-come, first-served queue. A large cpu job with two or more viable nodes goes
+out in chunks, one per node at a time, sized by the rate each node showed
+(:func:`vesta.policy.chunk_size`). Which units of a job are done, leased to a node or
 missing is kept by a :class:`~vesta.jobbook.JobBook`: a part that fails loses only its unfinished
 units, which run again (a failure of the part itself counts as one of the job's attempts; a node
 that went away or refused does not, and that node is not asked again for this job). A peer is
@@ -65,10 +67,9 @@ from vesta.policy import (
     SPLIT_MIN_UNITS,
     Candidate,
     Decision,
+    chunk_size,
     place,
-    spare,
     split_nodes,
-    split_plan,
     want_of,
 )
 from vesta.sampler import describe
@@ -128,6 +129,9 @@ class _Job:
     last_progress: float = 0.0
     failure: tuple[int, str] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    chunked: bool = False  # split across nodes: handed out in chunks as they finish
+    rates: dict[str, float] = field(default_factory=dict)  # node key -> units a second
+    chunks: Counter[str] = field(default_factory=Counter)  # node name -> chunks handed to it
 
 
 class Autopilot(VestaActor):
@@ -375,10 +379,17 @@ class Autopilot(VestaActor):
                 return
             if self.queue and self.queue[0] == job_id:  # it may have finished, failing
                 self.queue.popleft()
+        if not self.queue and not self.draining:  # room for no other job: a split may grow
+            for job in list(self.jobs.values()):
+                if job.chunked and job.parts and job.book.missing_units():
+                    self.feed(job)
 
     def place(self, job: _Job) -> bool:
         """Place the job's missing units; False if some must wait for room."""
         while job.book.missing_units():
+            if job.chunked and job.parts:
+                self.feed(job)  # the rest goes out in chunks as its nodes finish theirs
+                return True
             node, decisions = self.plan(job.job, job.excluded)
             if node is not None and node.free <= 0:
                 return False  # it waits; the placement is recorded once it is made
@@ -394,20 +405,49 @@ class Autopilot(VestaActor):
         return True
 
     def split(self, job: _Job) -> bool:
-        """A large cpu job with two or more viable nodes runs on all of them at once, each
-        given a share of its first missing range in proportion to its spare capacity."""
-        span = job.book.next_range(job.book.total)
-        if not _is_cpu(job) or span is None or span[1] - span[0] < SPLIT_MIN_UNITS:
+        """A large cpu job with two or more viable nodes runs on all of them at once, handed out
+        in chunks from its first missing unit on: each node gets its next chunk when it has
+        finished the last (see :func:`vesta.policy.chunk_size`)."""
+        if not _is_cpu(job) or (not job.chunked
+                                and job.book.missing_units() < SPLIT_MIN_UNITS):
             return False
-        want = want_of(job.job)
-        nodes = split_nodes(want, self.here(), self.candidates(job.excluded),
-                            self.config.spill_cpu_pct)
-        if len(nodes) < 2:
+        if len(self.split_nodes(job)) < 2:
             return False
-        ranges = split_plan(*span, [max(spare(n), 0.05) for n in nodes])
-        for node, part in zip(nodes, ranges, strict=False):
-            self.start_part(job, node, part)
-        return True
+        job.chunked = True
+        self.feed(job)
+        return bool(job.parts)
+
+    def split_nodes(self, job: _Job) -> list[Candidate]:
+        return split_nodes(want_of(job.job), self.here(), self.candidates(job.excluded),
+                           self.config.spill_cpu_pct, here_committed=HERE in job.rates)
+
+    def feed(self, job: _Job) -> None:
+        """Hand the next chunk of a split job to each of its nodes that holds none of it now:
+        the fastest first, so that the last units go where they finish soonest."""
+        nodes = self.split_nodes(job)
+        holding = {part.key: part for part in job.parts.values()}
+        known = [job.rates[key] for key in job.rates if key not in job.excluded]
+        guess = sum(known) / len(known) if known else 1.0
+        pool = {node.key for node in nodes} | holding.keys()
+        for node in sorted(nodes, key=lambda n: -job.rates.get(n.key, guess)):
+            if node.key in holding or node.free <= 0:
+                continue
+            others = [(job.rates.get(key, guess), self.in_hand(job, holding.get(key)))
+                      for key in pool if key != node.key]
+            size = chunk_size(job.book.missing_units(), node.free, job.rates.get(node.key),
+                              others)
+            span = job.book.next_range(size)
+            if span is None:
+                continue
+            self.start_part(job, node, span)
+            job.chunks[node.name] += 1
+            holding[node.key] = job.parts[next(reversed(job.parts))]
+
+    @staticmethod
+    def in_hand(job: _Job, part: _Part | None) -> int:
+        """Units a node holds of the job and has not finished."""
+        lease = job.book.leases.get(part.task_id) if part is not None else None
+        return job.book.unfinished(lease) if lease is not None else 0
 
     def start_part(self, job: _Job, node: Candidate, span: tuple[int, int]) -> None:
         start, end = span
@@ -467,6 +507,10 @@ class Autopilot(VestaActor):
             job.units[part.name] += 1
         if job.units[part.name] or done.ok:
             job.seconds[part.name] = job.seconds.get(part.name, 0.0) + done.seconds
+        if job.chunked and done.ok and lease is not None and lease.done and done.seconds > 0:
+            measured = lease.done / done.seconds
+            rate = job.rates.get(part.key)
+            job.rates[part.key] = measured if rate is None else (rate + measured) / 2
         job.detail.update(done.detail)
         if done.refused or done.lost:
             self.lost_part(job, part, done, unfinished)
@@ -552,7 +596,8 @@ class Autopilot(VestaActor):
             "seconds": round(now - started, 3),
             "queued_seconds": round(started - job.accepted, 3),
             "placements": [
-                {"node": name, "units": units, "seconds": round(job.seconds.get(name, 0.0), 3)}
+                {"node": name, "units": units, "seconds": round(job.seconds.get(name, 0.0), 3),
+                 **({"chunks": job.chunks[name]} if job.chunked else {})}
                 for name, units in job.units.items() if units
             ],
             "retried": job.retried,
