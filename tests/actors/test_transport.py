@@ -48,7 +48,7 @@ pytestmark = pytest.mark.timeout(30)
 KEYS = FederationKeys.from_stretched(b"x" * 32)
 OTHER_KEYS = FederationKeys.from_stretched(b"z" * 32)
 HEARTBEAT_S = 0.1
-DEAD_AFTER_S = 5 * HEARTBEAT_S
+DEAD_AFTER_S = 4 * HEARTBEAT_S
 
 
 @dataclass

@@ -49,7 +49,7 @@ from vesta.messages import (
     encode,
 )
 from vesta.transport.crypto import FederationKeys
-from vesta.transport.link import HEARTBEAT_S, Heartbeats, LinkChannel
+from vesta.transport.link import DEAD_AFTER_S, HEARTBEAT_S, Heartbeats, LinkChannel
 from vesta.transport.loop import Channel, IoLoop
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ class Transport(VestaActor):
         self.lingering: list[pykka.ActorRef[Any]] = []  # PeerLinks whose link went down
         self.draining = False
         self.heartbeats = Heartbeats(
-            loop, heartbeat_s, dead_after_s if dead_after_s is not None else heartbeat_s * 5)
+            loop, heartbeat_s,
+            dead_after_s if dead_after_s is not None else heartbeat_s * DEAD_AFTER_S / HEARTBEAT_S)
 
     def on_start(self) -> None:
         if self.listener is not None:

@@ -44,8 +44,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between heartbeats on a quiet link.
 HEARTBEAT_S = 0.5
-#: Seconds of silence after which a link is declared dead.
-DEAD_AFTER_S = 2.5
+#: Seconds of silence after which a link is declared dead: four missed heartbeats. A node cut
+#: off mid-job is noticed within this, and its units re-placed (the issue's 3 s, with a chunk
+#: of up to a second still running on the node that takes them).
+DEAD_AFTER_S = 2.0
 #: Seconds a connection may take to complete its handshake.
 HANDSHAKE_TIMEOUT_S = 5.0
 #: The largest frame a link carries once it is up.
