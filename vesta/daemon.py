@@ -26,6 +26,7 @@ from vesta.actors.base import tell_quietly
 from vesta.actors.control import ClientOutbox, Control, ControlSocketError, open_control_socket
 from vesta.actors.discovery import Discovery, open_discovery_socket
 from vesta.actors.executor import Executor
+from vesta.actors.ledger import Ledger, ledger_path
 from vesta.actors.links import Links
 from vesta.actors.transport import Transport, open_peer_listener
 from vesta.counters import Counters
@@ -112,11 +113,14 @@ def run(config: Any) -> int:
     try:
         keys = FederationKeys.derive(config.key)  # stretched once: about 0.1 s
         node = sampler.sample()
-        links.executor = Executor.start(counters, links, sorted(sysstat.cpus))
+        links.executor = Executor.start(counters, links, sorted(sysstat.cpus),
+                                        config.max_borrow_ratio, config.goodwill_core_s)
         started.append(links.executor)
         links.executor.tell(node)
         links.autopilot = Autopilot.start(counters, links, config, node, len(sysstat.cpus))
         started.append(links.autopilot)
+        links.ledger = Ledger.start(counters, links, ledger_path(config.state_dir, config.name))
+        started.append(links.ledger)
         links.transport = Transport.start(counters, links, loop, peer_listener, keys, identity)
         started.append(links.transport)
         links.discovery = Discovery.start(counters, links, loop, beacons, keys, identity, config,

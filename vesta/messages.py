@@ -589,6 +589,8 @@ class TaskDone(Message, scope=Scope.PEER):
     detail: dict[str, Any] = {}
     refused: bool = False  # a lender refused the task before running it
     lost: bool = False  # the node running it went away: not the task's own failure
+    cpu_s: float = 0.0  # CPU its processes used, measured where it ran: what the ledger charges
+    mib_s: float = 0.0  # memory held (mem jobs), MiB times seconds
 
 
 # -- between daemons -----------------------------------------------------------------------------
@@ -718,6 +720,24 @@ class PeerTable(Message):
     peers: list[dict[str, Any]]
 
 
+class Charge(Message):
+    """Executor or Autopilot -> Ledger: work one node ran for the other, as the lender measured
+    it. ``lent`` when this node ran it for the peer, else the peer ran it for this node."""
+
+    fingerprint: str
+    name: str
+    lent: bool
+    core_s: float
+    mib_s: float = 0.0
+
+
+class LedgerSnapshot(Message):
+    """Ledger -> Executor and Autopilot, after each change: every peer's totals, as plain data
+    (fingerprint -> {"name", "lent", "borrowed", "lent_mib_s", "borrowed_mib_s"})."""
+
+    book: dict[str, dict[str, Any]]
+
+
 class LendTask(Message):
     """PeerLink -> Executor: a peer asks this node to run a task for it."""
 
@@ -795,3 +815,4 @@ class WorkerExited(Message):
     exit_code: int
     error: str = ""
     detail: dict[str, Any] = {}
+    cpu_s: float = 0.0  # the CPU of the process and its waited-for children for the piece

@@ -286,6 +286,20 @@ def chunk_size(missing: int, workers: int, rate: float | None,
     return 0 if sooner else 1
 
 
+def leech_refusal(name: str, lent: float, borrowed: float, max_borrow_ratio: float,
+                  goodwill_core_s: float) -> str:
+    """SPEC's fairness rule, on the lender: a peer's work is taken while what this node ran for
+    it (``lent``, core-seconds) is at most ``max_borrow_ratio * (goodwill_core_s + borrowed)``,
+    ``borrowed`` being what the peer ran for this node. "" when it is, else the refusal with the
+    figures."""
+    cap = max_borrow_ratio * (goodwill_core_s + borrowed)
+    if lent <= cap:
+        return ""
+    return (f"{name} has used {lent:.0f} core-seconds of this node, over its cap of {cap:.0f} "
+            f"(max_borrow_ratio {max_borrow_ratio:g} x (goodwill_core_s {goodwill_core_s:g} + "
+            f"the {borrowed:.0f} core-seconds it ran for this node)); it gets room by lending")
+
+
 def admit(want: Want, offer_workers: int, lent_busy: int, offer_mem_mb: int, lent_mem_mb: int,
           allow_exec: bool, allowlist: Sequence[str], gpu: bool = False) -> str:
     """Whether this node takes a task a peer asks it to run: "" if so, else the rule that says

@@ -138,6 +138,7 @@ class Wiring:
     control: ProbeHandle
     discovery: ProbeHandle
     transport: ProbeHandle
+    ledger: ProbeHandle
 
 
 class ProbeOutbox:
@@ -158,7 +159,7 @@ class ProbeOutbox:
 def wiring() -> Wiring:
     """Probes in every role (the autouse fixture of tests/conftest.py stops them afterwards)."""
     links = Links()
-    roles = ("autopilot", "executor", "control", "discovery", "transport")
+    roles = ("autopilot", "executor", "control", "discovery", "transport", "ledger")
     probes = {role: ProbeHandle.start() for role in roles}
     for role, probe in probes.items():
         setattr(links, role, probe.ref)

@@ -27,10 +27,12 @@ from vesta.actors.executor import Executor
 from vesta.actors.peerlink import lent_task_id
 from vesta.messages import (
     CancelTask,
+    Charge,
     CpuJob,
     Drain,
     ExecJob,
     ForPeer,
+    LedgerSnapshot,
     LendTask,
     Message,
     RunTask,
@@ -45,10 +47,10 @@ LONG_CPU = CpuJob(1000)
 PEER = new_identity().fingerprint
 
 
-def start_lender(wiring: Wiring, cores: list[int] | None = None,
-                 **offer: Any) -> pykka.ActorRef[Any]:
+def start_lender(wiring: Wiring, cores: list[int] | None = None, ratio: float = 5.0,
+                 goodwill: float = 120.0, **offer: Any) -> pykka.ActorRef[Any]:
     """An Executor that knows its node: named "n1", offering what ``offer`` says."""
-    ref = Executor.start(wiring.counters, wiring.links, cores)
+    ref = Executor.start(wiring.counters, wiring.links, cores, ratio, goodwill)
     wiring.links.executor = ref
     ref.tell(node_info("n1", "f" * 32, **offer))
     return ref
@@ -179,3 +181,44 @@ def test_drain_cancels_lent_tasks_and_lets_the_nodes_own_finish(
     lend(ref, "late", ExecJob(["true"]), job_id)
     late = to_peer(wiring, TaskDone, "late")
     assert late.refused and late.error == "n1 refused 'true': it is stopping"
+
+
+def balance(lent: float, borrowed: float) -> LedgerSnapshot:
+    return LedgerSnapshot({PEER: {"name": "borrower", "lent": lent, "borrowed": borrowed,
+                                  "lent_mib_s": 0.0, "borrowed_mib_s": 0.0}})
+
+
+def test_a_peer_over_its_cap_is_refused_naming_the_rule_until_it_lends(
+    wiring: Wiring, job_id: str,
+) -> None:
+    ref = start_lender(wiring, ratio=2.0, goodwill=10.0, allow_exec=True)
+    ref.tell(balance(lent=25.0, borrowed=0.0))  # cap 2 x (10 + 0) = 20
+
+    lend(ref, "t1", ExecJob(["true"]), job_id)
+
+    done = to_peer(wiring, TaskDone, "t1")
+    assert done.refused and not done.ok
+    assert done.error == (
+        "n1 refused 'true': borrower has used 25 core-seconds of this node, over its cap of 20 "
+        "(max_borrow_ratio 2 x (goodwill_core_s 10 + the 0 core-seconds it ran for this "
+        "node)); it gets room by lending")
+    assert wiring.counters.get("refused_jobs") == 1
+
+    ref.tell(balance(lent=25.0, borrowed=5.0))  # it lent: cap 2 x (10 + 5) = 30
+    lend(ref, "t2", ExecJob(["true"]), job_id)
+    assert to_peer(wiring, TaskDone, "t2").ok
+
+
+def test_a_lent_task_is_charged_to_its_peer_with_the_cpu_its_processes_used(
+    wiring: Wiring, job_id: str,
+) -> None:
+    ref = start_lender(wiring, allow_exec=True)
+    burn = "import time\nt = time.process_time() + 0.3\nwhile time.process_time() < t: pass"
+
+    lend(ref, "t1", ExecJob([sys.executable, "-c", burn]), job_id)
+
+    done = to_peer(wiring, TaskDone, "t1")
+    assert done.ok, done.error
+    charge = wiring.ledger.expect(Charge)
+    assert charge == Charge(PEER, "borrower", True, done.cpu_s, 0.0)
+    assert 0.3 <= done.cpu_s < 0.3 + 2.0  # the command's CPU, its interpreter's start included

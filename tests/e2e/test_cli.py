@@ -540,7 +540,9 @@ print("got", len(got))
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can listen as another user")
 def test_a_socket_planted_by_another_user_is_refused() -> None:
-    path = f"/tmp/vestad-test-{secrets.token_hex(3)}.sock"
+    # not a /tmp/vestad-*.sock name: a CLI of another test that lists the sockets there would
+    # connect to it, and the planted server takes one connection only
+    path = f"/tmp/planted-test-{secrets.token_hex(3)}.sock"
     planted = subprocess.Popen([sys.executable, "-c", _PLANTED, path], stdout=subprocess.PIPE,
                                text=True, env=python_env())
     try:

@@ -133,8 +133,10 @@ def test_the_other_node_runs_work_when_this_one_is_busy(daemon_factory: Start) -
 def test_a_large_job_goes_out_in_chunks_to_both_idle_nodes_with_one_nodes_digest(
     daemon_factory: Start,
 ) -> None:
-    a, _b, _ = pair(daemon_factory)
+    a, b, _ = pair(daemon_factory, extra_a=BUSY_LINE)
     wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    # a takes chunks itself only while below its spill line: wait out its start's load
+    wait_for(lambda: status(a)["node"]["cpu_pct"] < 80, timeout=20, what="a to be idle")
     done = a.cli("--json", "cpu", "6", "--seed", "5")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -144,6 +146,18 @@ def test_a_large_job_goes_out_in_chunks_to_both_idle_nodes_with_one_nodes_digest
     # a first chunk each to measure the node, then chunks of about a second of its work
     assert all(p["chunks"] >= 2 for p in placements.values()), placements
     assert result["digest"] == job_digest([unit_result(5, i) for i in range(60)])
+    # both ledgers book what b ran for a, as b measured it
+    fp_a, fp_b = status(a)["node"]["fingerprint"], status(b)["node"]["fingerprint"]
+    wait_for(lambda: status(a)["ledger"].get(fp_b, {}).get("borrowed", 0) > 0
+             and status(b)["ledger"].get(fp_a, {}).get("lent", 0) > 0, timeout=10,
+             what="both ledgers to book the work")
+    borrowed = status(a)["ledger"][fp_b]
+    lent = status(b)["ledger"][fp_a]
+    assert borrowed["borrowed"] == lent["lent"]
+    assert (borrowed["name"], lent["name"]) == ("b", "a")
+    # b's CPU for its units: about its share of the job's seconds, on b's one core
+    assert 0.3 * placements["b"]["seconds"] <= lent["lent"] <= 1.2 * placements["b"]["seconds"]
+    assert next(p for p in peers(a) if p["name"] == "b")["borrowed"] == borrowed["borrowed"]
 
 
 def _count_cpus(listing: str) -> int:

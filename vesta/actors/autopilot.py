@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vesta import exits
-from vesta.actors.base import VestaActor
+from vesta.actors.base import VestaActor, tell_quietly
+from vesta.actors.ledger import TOTALS
 from vesta.actors.links import Links
 from vesta.counters import Counters
 from vesta.jobbook import JobBook
@@ -34,6 +35,7 @@ from vesta.messages import (
     CancelAll,
     CancelRequest,
     CancelTask,
+    Charge,
     ClientGone,
     ClientRequest,
     CountRunning,
@@ -45,6 +47,7 @@ from vesta.messages import (
     JobOutput,
     JobProgress,
     JobStarted,
+    LedgerSnapshot,
     MemJob,
     Message,
     NodeInfo,
@@ -154,6 +157,7 @@ class Autopilot(VestaActor):
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.draining = False
         self.stress = StressState(0)
+        self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
         self._task_ids = itertools.count(1)
 
     @property
@@ -171,6 +175,8 @@ class Autopilot(VestaActor):
                 self.dispatch()
             case StressState():
                 self.stress = message
+            case LedgerSnapshot(book=book):
+                self.ledger = book
             case PeerTable(peers=peers):
                 self.peer_events({p["fingerprint"]: p for p in peers})
                 self.peers = {p["fingerprint"]: p for p in peers}
@@ -217,13 +223,30 @@ class Autopilot(VestaActor):
         return doc
 
     def peer_docs(self) -> list[dict[str, Any]]:
-        return sorted(self.peers.values(), key=lambda p: (p.get("name", ""), p["fingerprint"]))
+        """The peers as Discovery describes them, with the core-seconds this node lent each and
+        borrowed from it."""
+        docs = []
+        for peer in sorted(self.peers.values(),
+                           key=lambda p: (p.get("name", ""), p["fingerprint"])):
+            balance = self.ledger.get(peer["fingerprint"], {})
+            docs.append({**peer, "lent": round(balance.get("lent", 0.0), 1),
+                         "borrowed": round(balance.get("borrowed", 0.0), 1)})
+        return docs
+
+    def ledger_doc(self) -> dict[str, dict[str, Any]]:
+        """The ledger as SPEC shows it, with each peer's cap here: how much it may have used of
+        this node before its work is refused (SPEC's fairness rule)."""
+        ratio, goodwill = self.config.max_borrow_ratio, self.config.goodwill_core_s
+        return {fp: {"name": entry.get("name", ""),
+                     **{total: round(entry.get(total, 0.0), 1) for total in TOTALS},
+                     "cap": round(ratio * (goodwill + entry.get("borrowed", 0.0)), 1)}
+                for fp, entry in self.ledger.items()}
 
     def status_doc(self) -> dict[str, Any]:
         return {
             "node": self.node_doc(),
             "peers": self.peer_docs(),
-            "ledger": {},
+            "ledger": self.ledger_doc(),
             "jobs": [self.job_doc(job) for job in self.jobs.values()],
             "flows": self.flows(),
             "events": list(self.events),
@@ -512,6 +535,9 @@ class Autopilot(VestaActor):
             rate = job.rates.get(part.key)
             job.rates[part.key] = measured if rate is None else (rate + measured) / 2
         job.detail.update(done.detail)
+        if part.key != HERE and (done.cpu_s or done.mib_s):  # the lender's measure, booked here
+            tell_quietly(self.links.ledger,
+                         Charge(part.key, part.name, False, done.cpu_s, done.mib_s))
         if done.refused or done.lost:
             self.lost_part(job, part, done, unfinished)
         elif not done.ok and not done.cancelled:

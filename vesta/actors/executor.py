@@ -28,9 +28,11 @@ from vesta.actors.peerlink import lent_task_id
 from vesta.counters import Counters
 from vesta.messages import (
     CancelTask,
+    Charge,
     CpuJob,
     Drain,
     ExecJob,
+    LedgerSnapshot,
     LendTask,
     MemJob,
     Message,
@@ -49,7 +51,7 @@ from vesta.messages import (
     WorkerOutput,
     WorkerUnits,
 )
-from vesta.policy import admit, want_of
+from vesta.policy import admit, leech_refusal, want_of
 from vesta.workers.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -68,8 +70,10 @@ class _Task:
     detail: dict[str, Any] = field(default_factory=dict)
     cancelled: bool = False
     peer: str = ""  # the fingerprint of the peer it runs for; "" for this node's own work
+    peer_name: str = ""
     peer_task: str = ""  # the id that peer gave it
     booked: int = 0  # lent workers it holds
+    cpu_s: float = 0.0  # what its finished pieces used
 
 
 class Executor(VestaActor):
@@ -77,9 +81,13 @@ class Executor(VestaActor):
 
     def __init__(
         self, counters: Counters, links: Links, cores: list[int] | None = None,
+        max_borrow_ratio: float = 5.0, goodwill_core_s: float = 120.0,
     ) -> None:
         super().__init__(counters)
         self.links = links
+        self.max_borrow_ratio = max_borrow_ratio
+        self.goodwill_core_s = goodwill_core_s
+        self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
         self.tasks: dict[str, _Task] = {}
         self.owner: dict[str, str] = {}  # worker id -> task id
@@ -103,6 +111,8 @@ class Executor(VestaActor):
                 self.lend(message)
             case NodeInfo():
                 self.node = message
+            case LedgerSnapshot(book=book):
+                self.ledger = book
             case CancelTask(task_id=task_id):
                 self.cancel(task_id)
             case TaskCredit(task_id=task_id, size=size):
@@ -143,9 +153,12 @@ class Executor(VestaActor):
         mem = sum(t.run.job.mb for t in lent if isinstance(t.run.job, MemJob))
         node = self.node
         name = node.name if node else "this node"
+        balance = self.ledger.get(lend.fingerprint, {})
         why = "it is stopping" if self.draining or node is None else admit(
             want_of(run.job), node.offer_workers, busy, node.offer_mem_mb, mem,
-            node.allow_exec, node.exec_allowlist, node.gpu)
+            node.allow_exec, node.exec_allowlist, node.gpu) or leech_refusal(
+            lend.name, balance.get("lent", 0.0), balance.get("borrowed", 0.0),
+            self.max_borrow_ratio, self.goodwill_core_s)
         if why:
             self.counters.add("refused_jobs")
             what = f"{run.job.argv[0]!r}" if isinstance(run.job, ExecJob) else run.job.kind
@@ -159,7 +172,7 @@ class Executor(VestaActor):
         local = run.replace(task_id=lent_task_id(lend.fingerprint, run.task_id), lend=True,
                             workers=workers)
         assert isinstance(local, RunTask)
-        self.run_task(local, peer=lend.fingerprint, peer_task=run.task_id)
+        self.run_task(local, peer=lend.fingerprint, peer_task=run.task_id, peer_name=lend.name)
 
     def lent_cpus(self) -> list[int]:
         """The CPUs a command run for a peer may use: as many as this node offers (SPEC), the
@@ -176,7 +189,8 @@ class Executor(VestaActor):
 
     # -- tasks -------------------------------------------------------------------------------------
 
-    def run_task(self, run: RunTask, peer: str = "", peer_task: str = "") -> None:
+    def run_task(self, run: RunTask, peer: str = "", peer_task: str = "",
+                 peer_name: str = "") -> None:
         if run.task_id in self.tasks:
             logger.warning("task %s is already running", run.task_id)
             return
@@ -200,8 +214,8 @@ class Executor(VestaActor):
                        "cpus": self.lent_cpus() if peer else None}]
         else:
             raise TypeError(f"no executor for {job.tag}")
-        task = _Task(run, set(), time.monotonic(), peer=peer, peer_task=peer_task,
-                     booked=len(pieces) if peer else 0)
+        task = _Task(run, set(), time.monotonic(), peer=peer, peer_name=peer_name,
+                     peer_task=peer_task, booked=len(pieces) if peer else 0)
         self.tasks[run.task_id] = task
         for params in pieces:
             worker = f"w{next(self._ids)}"
@@ -236,6 +250,7 @@ class Executor(VestaActor):
             return
         task.workers.discard(exited.worker)
         task.detail.update(exited.detail)
+        task.cpu_s += exited.cpu_s
         if exited.error or exited.exit_code:
             task.errors.append((exited.exit_code, exited.error))
             if isinstance(task.run.job, CpuJob | MemJob) and not task.cancelled:
@@ -251,8 +266,13 @@ class Executor(VestaActor):
         ok = not task.cancelled and not any(text for _, text in task.errors)
         if task.cancelled:
             error = error or "cancelled"
+        job = task.run.job
+        mib_s = job.mb * seconds if isinstance(job, MemJob) and ok else 0.0
+        cpu_s = round(task.cpu_s, 4)
+        if task.peer and (cpu_s or mib_s):
+            tell_quietly(self.links.ledger, Charge(task.peer, task.peer_name, True, cpu_s, mib_s))
         self.report(task, TaskDone(task.peer_task or task.run.task_id, ok, seconds, code, error,
-                                   task.cancelled, task.detail))
+                                   task.cancelled, task.detail, cpu_s=cpu_s, mib_s=mib_s))
 
     # -- stress ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class Links:
     control: pykka.ActorRef[Any]
     discovery: pykka.ActorRef[Any]
     transport: pykka.ActorRef[Any]  # the owner of the PeerLinks
+    ledger: pykka.ActorRef[Any]
     clients: Any  # where ToClient messages go: control.ClientOutbox, or a test's probe
 
     def __init__(self) -> None:

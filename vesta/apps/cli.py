@@ -555,9 +555,10 @@ def format_status(doc: dict[str, Any]) -> str:
     if doc["peers"]:
         text += "\n" + format_peers(doc["peers"])
     if doc["ledger"]:
-        rows = [["PEER", "LENT core-s", "BORROWED core-s"]]
-        for peer, entry in doc["ledger"].items():
-            rows.append([peer, f"{entry['lent']:.1f}", f"{entry['borrowed']:.1f}"])
+        rows = [["LEDGER", "LENT core-s", "BORROWED core-s", "ITS CAP HERE core-s"]]
+        for peer, entry in sorted(doc["ledger"].items(), key=lambda e: e[1]["name"]):
+            rows.append([f"{entry['name'] or '?'} ({peer[:8]})", f"{entry['lent']:.1f}",
+                         f"{entry['borrowed']:.1f}", f"{entry.get('cap', 0.0):.0f}"])
         text += "\n" + table(rows)
     if doc["jobs"]:
         rows = [["JOB", "KIND", "STATE", "PROGRESS", "NODES", "AGE"]]

@@ -12,9 +12,10 @@ It reports to its parent over the same pipe with small tuples:
 - ``("pgid", pgid)`` the process group of an exec command that runs for more than a moment
   (:data:`PGID_AFTER`), so the parent can kill it at once on a cancel (before that, the
   process's own clean-up on SIGTERM does it: a small command costs no report more);
-- ``("done", exit_code, error, detail, reusable)`` the task ended (error "" when it ran to
-  completion), everything it left is cleaned up, and the process takes another task if
-  ``reusable`` (False after an unexpected error: the process then exits).
+- ``("done", exit_code, error, detail, reusable, cpu_s)`` the task ended (error "" when it ran
+  to completion), everything it left is cleaned up, and the process takes another task if
+  ``reusable`` (False after an unexpected error: the process then exits); ``cpu_s`` is the CPU
+  the task used, its command's included, which the ledger charges.
 
 The parent writes tasks and, for a running exec command, output credits ``("credit", size)``.
 The workers of a cpu task share a :class:`UnitCounter`, whose file descriptor follows the task
@@ -36,6 +37,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import resource
 import select
 import shutil
 import signal
@@ -197,6 +199,7 @@ def run(conn: Connection, kind: str, params: dict[str, Any], allowed: set[int]) 
         "cpu": run_cpu, "mem": run_mem, "exec": run_exec, "stress": run_stress,
     }
     reusable = True
+    used = cpu_seconds()
     try:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, set(params.get("cpus") or ()) & allowed or allowed)
@@ -210,10 +213,18 @@ def run(conn: Connection, kind: str, params: dict[str, Any], allowed: set[int]) 
         if params.get("next") is not None:
             params["next"].close()
     try:
-        conn.send(("done", code, error, detail, reusable))
+        conn.send(("done", code, error, detail, reusable, round(cpu_seconds() - used, 4)))
     except OSError:  # the daemon is gone
         return False
     return reusable
+
+
+def cpu_seconds() -> float:
+    """CPU this process used, and its children it waited for (an exec's command and what the
+    command left, reaped here as their subreaper)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 #: How a task ended: exit code, error ("" when it ran to completion), detail for the job's result.

@@ -531,9 +531,9 @@ class Supervisor(threading.Thread):
                 self.report(WorkerOutput(piece.worker_id, stream, data))
             case ("pgid", int(pgid)):
                 piece.pgid = pgid
-            case ("done", int(code), str(error), dict(detail), bool(reusable)):
-                self._done(worker, piece, WorkerExited(piece.worker_id, code, error, detail),
-                           reusable)
+            case ("done", int(code), str(error), dict(detail), bool(reusable), float(cpu_s)):
+                self._done(worker, piece,
+                           WorkerExited(piece.worker_id, code, error, detail, cpu_s), reusable)
             case _:
                 logger.warning("worker %s sent an unknown report %r", piece.worker_id, event)
         return True
