@@ -15,13 +15,16 @@ from vesta.policy import (
     CHUNK_SECONDS,
     FIRST_CHUNK_PER_WORKER,
     SOLAR_DEFAULT_WILLINGNESS,
+    OwnerFirst,
     Power,
     battery_charge,
     chunk_size,
     exec_permitted,
     offer_mem_mb,
     offer_workers,
+    owner_busy,
     power_state,
+    thermal_share,
 )
 from vesta.sysstat import Supply
 
@@ -75,6 +78,14 @@ POWER_CASES = [
     # mains online while the battery reports discharging is external power
     ("mains online", [mains(True), bat(10)], "auto", MIN, Power("grid", 1.0, 10)),
     ("usb online", [usb(True), bat(30)], "auto", MIN, Power("grid", 1.0, 30)),
+    ("an adapter of any name", [Supply("ADP1", "Mains", True), bat(30)], "auto", MIN,
+     Power("grid", 1.0, 30)),
+    # a peripheral's battery (a mouse, a stylus) is not the machine's
+    ("a mouse's battery only", [Supply("hidpp_battery_0", "Battery", None, "Discharging", 20,
+                                       "Device")], "auto", MIN, Power("grid", 1.0, None)),
+    ("a mouse's battery and the laptop's", [Supply("hid-mouse", "Battery", None, "Discharging",
+                                                   5, "Device"), bat(80)],
+     "auto", MIN, Power("solar", 0.8, 80)),
     # forced modes
     ("forced grid", [bat(10)], "grid", MIN, Power("grid", 1.0, 10)),
     ("forced grid, none", [], "grid", MIN, Power("grid", 1.0, None)),
@@ -314,3 +325,62 @@ def test_nodes_handed_chunks_as_they_finish_end_at_about_the_same_time(
     ideal = total / sum(rates)
     assert max(free_at) <= ideal * 1.1 + 1 / max(rates)
     assert sum(held) == total
+
+
+# -- the owner comes first -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("temp", "expected"),
+    [(None, 1.0), (50.0, 1.0), (75.0, 1.0), (80.0, 0.5), (84.0, 0.1), (85.0, 0.0), (99.0, 0.0)],
+)
+def test_thermal_share_shrinks_over_the_ten_degrees_below_the_maximum(
+    temp: float | None, expected: float,
+) -> None:
+    assert thermal_share(temp, 85.0) == pytest.approx(expected)
+
+
+def test_lent_work_pauses_at_the_line_and_resumes_after_reclaim_s_below_it() -> None:
+    watch = OwnerFirst(spill_cpu_pct=80, reclaim_s=10, thermal_max_c=85)
+    assert watch.update(0.0, 79.9, None) == ""
+    assert watch.update(0.75, 80.0, None) == ""  # one reading at the line: a blip, perhaps
+    why = watch.update(1.0, 80.0, None)  # two: the owner is back
+    assert why == "its owner's load is 80%, at or over the 80% spill line"
+    assert watch.update(2.0, 10.0, None) == why  # below the line: the reclaim clock starts
+    assert watch.update(11.9, 10.0, None) == why
+    assert watch.update(12.0, 10.0, None) == ""  # 10 s below it
+
+
+def test_a_spike_while_paused_starts_the_reclaim_clock_again() -> None:
+    watch = OwnerFirst(spill_cpu_pct=80, reclaim_s=10, thermal_max_c=85)
+    watch.update(-0.25, 95.0, None)
+    watch.update(0.0, 95.0, None)
+    watch.update(1.0, 5.0, None)
+    watch.update(9.0, 90.0, None)  # the owner is back
+    assert watch.update(15.0, 5.0, None) != ""
+    assert watch.update(24.9, 5.0, None) != ""
+    assert watch.update(25.0, 5.0, None) == ""
+
+
+def test_heat_pauses_lent_work_whatever_the_load() -> None:
+    watch = OwnerFirst(spill_cpu_pct=80, reclaim_s=0, thermal_max_c=85)
+    assert watch.update(0.0, 0.0, 85.0) == "its CPU is at 85 C, at or over thermal_max_c 85"
+    assert watch.update(1.0, 0.0, 84.0) == ""  # reclaim_s 0: at once
+
+
+def test_a_busy_owner_with_nothing_lent_is_no_pause_but_a_pause_outlasts_the_lending() -> None:
+    watch = OwnerFirst(spill_cpu_pct=80, reclaim_s=10, thermal_max_c=85)
+    assert watch.update(0.0, 100.0, None, lending=False) == ""  # a busy owner, nothing lent
+    assert watch.update(0.5, 100.0, None, lending=False) == ""
+    assert watch.update(1.0, 100.0, None, lending=True) != ""
+    # the paused work was placed elsewhere: nothing is lent, the owner still busy
+    assert watch.update(2.0, 100.0, None, lending=False) != ""
+    assert watch.update(3.0, 10.0, None, lending=False) != ""
+    assert watch.update(13.0, 10.0, None, lending=False) == ""
+
+
+@pytest.mark.parametrize(("owner", "refusal"), [
+    (79.9, ""), (80.0, "its owner's load is 80%, at or over the 80% spill line"),
+])
+def test_a_lender_whose_owner_is_busy_takes_no_new_work(owner: float, refusal: str) -> None:
+    assert owner_busy(owner, 80) == refusal

@@ -162,6 +162,15 @@ def test_power_supplies(root: Path) -> None:
     )
 
 
+def test_a_peripherals_battery_says_its_scope(root: Path) -> None:
+    ps = root / "sys/class/power_supply"
+    for name, value in {"type": "Battery", "scope": "Device", "status": "Discharging",
+                        "capacity": "20"}.items():
+        write(ps / "hid-mouse" / name, value + "\n")
+    supplies = {s.name: s for s in Sysstat(root, cpus={0}).power_supplies()}
+    assert supplies["hid-mouse"].scope == "Device" and supplies["BAT0"].scope == ""
+
+
 def test_power_supply_offline_and_odd_capacity(root: Path) -> None:
     ps = root / "sys/class/power_supply"
     write(ps / "AC/online", "0\n")

@@ -191,6 +191,13 @@ SCHEMA: tuple[Field, ...] = (
           low=0, high=1e9, metavar="CORE_S"),
     Field("battery_min_pct", int, 15, "stop lending below this battery charge, percent",
           low=0, high=100, metavar="PCT"),
+    Field("reclaim_s", float, 10.0, "seconds the owner's load must stay below spill_cpu_pct "
+          "before paused lent work resumes", low=0, high=86400, metavar="S"),
+    Field("pause_replace_s", float, 5.0, "lent work paused for its owner longer than this is "
+          "placed elsewhere by its submitter, seconds", low=0, high=86400, metavar="S"),
+    Field("thermal_max_c", float, 85.0, "CPU temperature at which the node offers nothing and "
+          "pauses lent work; its offer shrinks over the 10 degrees below", low=30, high=150,
+          metavar="C"),
     Field("state_dir", str, "~/.local/state/vesta", "where the identity, the ledger and the boot "
           "counter live", metavar="DIR"),
     Field("socket", str, "", "control socket path; empty: /tmp/vestad-NAME.sock", metavar="PATH"),
@@ -229,6 +236,9 @@ class Config:
     max_borrow_ratio: float
     goodwill_core_s: float
     battery_min_pct: int
+    reclaim_s: float
+    pause_replace_s: float
+    thermal_max_c: float
     state_dir: str
     socket: str
     log_level: str

@@ -114,9 +114,11 @@ def run(config: Any) -> int:
         keys = FederationKeys.derive(config.key)  # stretched once: about 0.1 s
         node = sampler.sample()
         links.executor = Executor.start(counters, links, sorted(sysstat.cpus),
-                                        config.max_borrow_ratio, config.goodwill_core_s)
+                                        config.max_borrow_ratio, config.goodwill_core_s,
+                                        config.spill_cpu_pct)
         started.append(links.executor)
         links.executor.tell(node)
+        sampler.lent = links.executor.proxy().supervisor.get()  # what is lent, and its CPU
         links.autopilot = Autopilot.start(counters, links, config, node, len(sysstat.cpus))
         started.append(links.autopilot)
         links.ledger = Ledger.start(counters, links, ledger_path(config.state_dir, config.name))

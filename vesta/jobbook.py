@@ -97,6 +97,19 @@ class JobBook:
         lease = self.leases[lease_id] = Lease(lease_id, node, start, end)
         return lease
 
+    def duplicate(self, lease_id: str, node: str, of: str) -> Lease | None:
+        """Hand the unfinished end of lease ``of`` to ``node`` as well, under a lease of its
+        own: a straggler's insurance. Whichever finishes a unit first has it counted; the other's
+        result for it counts for nothing. None when ``of`` is not held or has nothing left."""
+        held = self.leases.get(of)
+        if held is None or lease_id in self.leases:
+            return None
+        left = [i for i in range(held.start, held.end) if i not in self.results]
+        if not left:
+            return None
+        lease = self.leases[lease_id] = Lease(lease_id, node, left[0], held.end)
+        return lease
+
     def record(self, lease_id: str, units: dict[int, bytes]) -> int:
         """Results that arrived under a lease; returns how many were new. Units outside the
         lease, or already done, or under a lease no longer held, count for nothing."""

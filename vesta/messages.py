@@ -527,6 +527,8 @@ class NodeInfo(Message, scope=Scope.PEER):
     exec_allowlist: list[str]
     temps_c: dict[str, float]
     lent_cpu_pct: float = 0.0  # the load of the work run for peers, on its cores
+    owner_cpu_pct: float = 0.0  # the load of everything else but the daemon itself
+    paused: str = ""  # why work lent here is paused for the owner (it offers nothing); "" if not
 
 
 class RunTask(Message, scope=Scope.PEER):
@@ -591,6 +593,29 @@ class TaskDone(Message, scope=Scope.PEER):
     lost: bool = False  # the node running it went away: not the task's own failure
     cpu_s: float = 0.0  # CPU its processes used, measured where it ran: what the ledger charges
     mib_s: float = 0.0  # memory held (mem jobs), MiB times seconds
+
+
+class Woke(Message):
+    """Sampler -> Executor, Discovery, Autopilot: the machine was suspended for ``slept_s``
+    seconds (the boot clock ran ahead of the monotonic one, which stops while suspended)."""
+
+    slept_s: float
+
+
+class Leases(Message, scope=Scope.PEER):
+    """Submitter -> lender, first on every link that comes up: the tasks it still waits for
+    there. After a partition the lender ends whatever it runs for this submitter that is not in
+    the list: the submitter has placed that work elsewhere, and would drop its results."""
+
+    task_ids: list[str]
+
+
+class TaskPaused(Message, scope=Scope.PEER):
+    """Lender -> submitter: a lent task was paused for the lender's owner (``why``), or runs
+    again (``why`` empty). A submitter places elsewhere what stays paused too long."""
+
+    task_id: str
+    why: str = ""
 
 
 # -- between daemons -----------------------------------------------------------------------------

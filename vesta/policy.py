@@ -31,7 +31,7 @@ class Power:
 
 def battery_charge(supplies: Iterable[Supply]) -> tuple[float | None, bool, bool]:
     """(charge percent or None, discharging, on external power) from the power supplies."""
-    supplies = list(supplies)
+    supplies = [s for s in supplies if s.scope != "Device"]  # a mouse's battery is not ours
     batteries = [s for s in supplies if s.type == "Battery" and s.capacity is not None]
     external = any(s.online for s in supplies if s.type != "Battery")
     if not batteries:
@@ -83,6 +83,61 @@ def offer_mem_mb(
     """Memory lent to peers: what is available beyond the reserve, capped, scaled by willingness."""
     spare = mem_available_mb - mem_total_mb * reserve_pct / 100
     return max(0, math.floor(min(spare, mem_offer_mb) * willingness))
+
+
+def thermal_share(temp_c: float | None, thermal_max_c: float) -> float:
+    """The share of its offer a node keeps at ``temp_c``: all of it 10 degrees or more below
+    ``thermal_max_c``, shrinking linearly to nothing at it (SPEC); all of it where the temperature
+    is unknown."""
+    if temp_c is None:
+        return 1.0
+    return _clamp((thermal_max_c - temp_c) / THERMAL_BAND_C)
+
+
+#: Degrees below ``thermal_max_c`` over which the offer shrinks to nothing.
+THERMAL_BAND_C = 10.0
+#: Readings in a row with the owner at or over the spill line before lent work pauses.
+CONFIRM_READINGS = 2
+
+
+@dataclass
+class OwnerFirst:
+    """When work lent to peers pauses for the owner, and when it may run again (SPEC "The owner
+    comes first"): paused at once when, while the node lends, the owner's load (all minus lent)
+    reaches ``spill_cpu_pct`` or the CPU reaches ``thermal_max_c``; running again once neither
+    has held for ``reclaim_s``. A node offers nothing while paused, lent work or not (so work
+    moved away for the owner does not come straight back). A busy owner with nothing lent is no
+    pause: the daemon's own start, say, must not shut the node for ``reclaim_s``; such a node
+    refuses new work at admission instead. Fed one reading at a time; no clock of its own."""
+
+    spill_cpu_pct: float
+    reclaim_s: float
+    thermal_max_c: float
+    paused: str = ""  # why lent work is paused now, a sentence; "" while it may run
+    calm_since: float | None = None
+    busy_readings: int = 0  # readings in a row with the owner at or over the line
+
+    def update(self, now: float, owner_cpu_pct: float, temp_c: float | None,
+               lending: bool = True) -> str:
+        """The state after a reading taken at ``now`` (monotonic seconds): the pause's reason,
+        or "". The owner's load must read at or over the line :data:`CONFIRM_READINGS` times in
+        a row (half a second while lending): a blip of a quarter second is no owner's return."""
+        busy = owner_busy(owner_cpu_pct, self.spill_cpu_pct)
+        self.busy_readings = self.busy_readings + 1 if busy else 0
+        if temp_c is not None and temp_c >= self.thermal_max_c:
+            why = (f"its CPU is at {temp_c:.0f} C, at or over thermal_max_c "
+                   f"{self.thermal_max_c:g}")
+        elif busy and (self.busy_readings >= CONFIRM_READINGS or self.paused):
+            why = busy
+        else:
+            why = ""
+        if why and (lending or self.paused):
+            self.paused, self.calm_since = why, None
+        elif self.paused and not why:
+            self.calm_since = now if self.calm_since is None else self.calm_since
+            if now - self.calm_since >= self.reclaim_s:
+                self.paused, self.calm_since = "", None
+        return self.paused
 
 
 def exec_permitted(argv0: str, allow_exec: bool, allowlist: Sequence[str]) -> tuple[bool, str]:
@@ -286,6 +341,15 @@ def chunk_size(missing: int, workers: int, rate: float | None,
     return 0 if sooner else 1
 
 
+def owner_busy(owner_cpu_pct: float, spill_cpu_pct: float) -> str:
+    """Why a lender takes no new work while its owner's own load is at or over the spill line
+    (the owner comes first), or "" when it is below."""
+    if owner_cpu_pct < spill_cpu_pct:
+        return ""
+    return (f"its owner's load is {owner_cpu_pct:.0f}%, at or over the {spill_cpu_pct:g}% "
+            "spill line")
+
+
 def leech_refusal(name: str, lent: float, borrowed: float, max_borrow_ratio: float,
                   goodwill_core_s: float) -> str:
     """SPEC's fairness rule, on the lender: a peer's work is taken while what this node ran for
@@ -301,13 +365,17 @@ def leech_refusal(name: str, lent: float, borrowed: float, max_borrow_ratio: flo
 
 
 def admit(want: Want, offer_workers: int, lent_busy: int, offer_mem_mb: int, lent_mem_mb: int,
-          allow_exec: bool, allowlist: Sequence[str], gpu: bool = False) -> str:
+          allow_exec: bool, allowlist: Sequence[str], gpu: bool = False, owner: str = "") -> str:
     """Whether this node takes a task a peer asks it to run: "" if so, else the rule that says
-    no, as a sentence with the figures (the lender's side of placement)."""
+    no, as a sentence with the figures (the lender's side of placement). ``owner`` is why the
+    owner has the node now ("" if it has not): it comes after the rules that never change and
+    before the offer, which is nothing while the owner has the node."""
     if want.kind == "exec":
         allowed, why = exec_permitted(want.argv0, allow_exec, allowlist)
         if not allowed:
             return why
+    if owner:
+        return owner
     if offer_workers <= 0:
         return "it lends nothing now (its offer is 0 workers)"
     if lent_busy >= offer_workers:

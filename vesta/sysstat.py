@@ -25,6 +25,7 @@ class Supply:
     online: bool | None = None
     status: str = ""  # for batteries: "Charging", "Discharging", "Full", "Not charging"
     capacity: float | None = None  # battery charge, percent
+    scope: str = ""  # "Device" for a peripheral's own battery (a mouse, a stylus); "" or "System"
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Sysstat:
                 online=None if online == "" else online == "1",
                 status=_read(d / "status"),
                 capacity=float(capacity) if _is_number(capacity) else None,
+                scope=_read(d / "scope"),
             ))
         return tuple(supplies)
 

@@ -54,7 +54,7 @@ def test_charges_add_up_per_peer_and_each_change_is_told_to_the_admitter(
         OTHER: {"name": "desk", "lent": 2.0, "borrowed": 0.0, "lent_mib_s": 30.0,
                 "borrowed_mib_s": 0.0},
     }
-    assert wiring.autopilot.all(LedgerSnapshot)[-1].book == books[2]
+    wiring.autopilot.expect(LedgerSnapshot, lambda m: m.book == books[2])  # status sees it
 
 
 def test_the_book_is_written_private_and_read_back_after_a_restart(

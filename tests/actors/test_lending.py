@@ -38,6 +38,8 @@ from vesta.messages import (
     RunTask,
     TaskDone,
     TaskOutput,
+    TaskPaused,
+    Woke,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -222,3 +224,36 @@ def test_a_lent_task_is_charged_to_its_peer_with_the_cpu_its_processes_used(
     charge = wiring.ledger.expect(Charge)
     assert charge == Charge(PEER, "borrower", True, done.cpu_s, 0.0)
     assert 0.3 <= done.cpu_s < 0.3 + 2.0  # the command's CPU, its interpreter's start included
+
+
+def test_lent_work_pauses_for_the_owner_and_the_peer_is_told(
+    wiring: Wiring, job_id: str,
+) -> None:
+    ref = start_lender(wiring, allow_exec=True, offer_workers=2)
+    lend(ref, "t1", ExecJob(["sh", "-c", "echo go; sleep 30"]), job_id)
+    assert to_peer(wiring, TaskOutput, "t1").data == b"go\n"
+
+    why = "its owner's load is 95%, at or over the 80% spill line"
+    ref.tell(node_info("n1", "f" * 32, allow_exec=True, offer_workers=0, paused=why))
+    assert to_peer(wiring, TaskPaused, "t1") == TaskPaused("t1", why)
+    lend(ref, "t2", ExecJob(["true"]), job_id)
+    refused = to_peer(wiring, TaskDone, "t2")
+    assert refused.refused
+    assert refused.error == f"n1 refused 'true': it is paused for its owner: {why}"
+
+    ref.tell(node_info("n1", "f" * 32, allow_exec=True, offer_workers=2))
+    assert to_peer(wiring, TaskPaused, "t1") == TaskPaused("t1", "")
+    ref.tell(CancelTask(lent_task_id(PEER, "t1")))
+    assert to_peer(wiring, TaskDone, "t1").cancelled
+
+
+def test_after_a_suspend_lent_work_is_ended_its_submitters_have_placed_it_elsewhere(
+    wiring: Wiring, job_id: str,
+) -> None:
+    ref = start_lender(wiring, allow_exec=True)
+    lend(ref, "t1", ExecJob(["sh", "-c", "echo go; sleep 30"]), job_id)
+    assert to_peer(wiring, TaskOutput, "t1").data == b"go\n"
+
+    ref.tell(Woke(3600.0))
+
+    assert to_peer(wiring, TaskDone, "t1").cancelled

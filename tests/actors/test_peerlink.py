@@ -24,6 +24,7 @@ from vesta.messages import (
     CpuJob,
     ExecJob,
     ForPeer,
+    Leases,
     LendTask,
     LinkDown,
     LinkMessage,
@@ -82,12 +83,13 @@ class Link:
     def to_peer(self, msg: Message) -> None:
         self.ref.tell(ForPeer(self.fingerprint, msg))
 
-    def sent(self) -> list[Message]:
-        """What went out on the wire so far (once the link handled everything told before)."""
+    def sent(self, leases: bool = False) -> list[Message]:
+        """What went out on the wire so far (once the link handled everything told before);
+        the list of leases each link starts with only if ``leases``."""
         assert self.ref.ask(Ping(), timeout=DEADLINE) is True
         frames = self.wire.frames()
         assert all(conn == CONN for conn, _ in frames), frames
-        return [msg for _, msg in frames]
+        return [msg for _, msg in frames if leases or not isinstance(msg, Leases)]
 
     def lend(self, task_id: str) -> RunTask:
         """The peer asks for a task; the executor probe receives it."""
@@ -250,3 +252,25 @@ def test_a_message_with_no_place_on_a_link_is_dropped_and_counted(link: Link) ->
 
     link.wiring.discovery.expect_none(object, after=[link.ref])
     assert link.wiring.counters.get("dropped_frames") == 1
+
+
+def test_a_link_starts_with_the_leases_still_held_and_the_peer_ends_the_rest(
+    link: Link,
+) -> None:
+    assert link.sent(leases=True) == [Leases([])]
+    link.to_peer(run("t1"))
+    link.to_peer(run("t2"))
+    link.ref.tell(LinkUp(CONN, link.fingerprint, 1, True, HOST))  # the link came back up
+    assert link.sent(leases=True)[-1] == Leases(["t1", "t2"])
+
+    for task_id in ("p1", "p2", "p3"):  # tasks this node runs for the peer
+        link.lend(task_id)
+    link.from_peer(Leases(["p2", "gone"]))  # the peer placed p1 and p3 elsewhere meanwhile
+
+    executor = link.wiring.executor
+    ended = {executor.expect(CancelTask).task_id for _ in range(2)}
+    assert ended == {lent_task_id(link.fingerprint, "p1"), lent_task_id(link.fingerprint, "p3")}
+    executor.expect_none(CancelTask, after=[link.ref])
+    assert link.wiring.counters.get("stale_leases_ended") == 2
+    link.from_peer(CancelTask("p2"))  # p2 is still lent
+    assert executor.expect(CancelTask) == CancelTask(lent_task_id(link.fingerprint, "p2"))

@@ -25,8 +25,10 @@ from vesta.actors.links import Links
 from vesta.config import build_config
 from vesta.counters import Counters
 from vesta.messages import (
+    CancelTask,
     ClientRequest,
     CpuJob,
+    ExecJob,
     ForPeer,
     JobDone,
     JobStarted,
@@ -35,6 +37,7 @@ from vesta.messages import (
     RunTask,
     SubmitRequest,
     TaskDone,
+    TaskPaused,
     TaskUnits,
     ToClient,
 )
@@ -89,13 +92,14 @@ class Pool:
     answered: set[str] = field(default_factory=set)
 
     @classmethod
-    def of(cls, peers: dict[str, int], here_workers: int = 1) -> Pool:
+    def of(cls, peers: dict[str, int], here_workers: int = 1, **here: Any) -> Pool:
         links = Links()
         executor, transport, clients = Told(), Told(), Told()
         links.executor, links.transport, links.clients = executor, transport, clients
-        config = build_config({"key": "split-test-key-0123", "name": "desk"})
+        config = build_config({"key": "split-test-key-0123", "name": "desk",
+                               "pause_replace_s": 0})
         pilot = Autopilot(Counters(), links, config,
-                          node_info("desk", cores=here_workers), here_workers)
+                          node_info("desk", cores=here_workers, **here), here_workers)
         docs = {f"fp-{name}": peer_doc(name, workers) for name, workers in peers.items()}
         pool = cls(pilot, executor, transport, clients, docs)
         pool.tell(PeerTable(list(docs.values())))
@@ -242,3 +246,81 @@ def test_any_order_of_ends_deaths_and_duplicates_gives_the_one_node_digest(
     assert sum(p["units"] for p in done.result["placements"]) == total
     assert not pool.pilot.jobs and not pool.pilot.tasks
     assert sum(pool.pilot.booked.values()) == 0, "workers stay booked after the job"
+
+
+# -- parts paused for their lender's owner ---------------------------------------------------------
+
+
+def paused_on_a_peer(job: Any) -> tuple[Pool, str, RunTask]:
+    """desk busy, two idle peers that run anything: the job goes to one, which pauses it for
+    its owner."""
+    pool = Pool.of({"p1": 1, "p2": 1}, cpu_pct=95.0)
+    for doc in pool.peers.values():
+        doc["allow_exec"] = True
+    pool.tell(PeerTable(list(pool.peers.values())))
+    pool.submit(job)
+    ((key, run),) = pool.pending()
+    pool.tell(TaskPaused(run.task_id, "its owner's load is 95%"))
+    return pool, key, run
+
+
+def test_a_part_paused_too_long_is_placed_where_another_node_can_take_it() -> None:
+    pool, key, run = paused_on_a_peer(CpuJob(1))
+
+    pool.tell(pool.pilot.node)  # the next reading: pause_replace_s (0 here) is over
+
+    cancels = [m for m in pool.transport.messages
+               if isinstance(m, ForPeer) and isinstance(m.msg, CancelTask)]
+    assert [(c.fingerprint, c.msg.task_id) for c in cancels] == [(key, run.task_id)]
+    pool.answered.add(run.task_id)  # not waited for: its lender may take long to stop it
+    ((elsewhere, again),) = pool.pending()
+    assert elsewhere != key and (again.start, again.end) == (run.start, run.end)
+    pool.tell(TaskUnits(run.task_id, {run.start: b"late"}))  # its lease is no longer held
+    pool.tell(TaskDone(run.task_id, False, 0.1, cancelled=True))
+    pool.finish(again, seconds=0.5)
+    done = pool.done()
+    assert done is not None and done.ok
+    assert done.result["digest"] == one_node_digest(10) and done.result["retried"] == 10
+    kinds = [(e["kind"], e["node"]) for e in pool.pilot.events]
+    assert ("pause", key[3:]) in kinds and ("failover", key[3:]) in kinds
+
+
+def test_an_exec_without_retry_waits_for_its_paused_lender() -> None:
+    pool, key, run = paused_on_a_peer(ExecJob(["make"]))
+    pool.tell(pool.pilot.node)
+    assert not [m for m in pool.transport.messages
+                if isinstance(m, ForPeer) and isinstance(m.msg, CancelTask)]
+    pool.tell(TaskPaused(run.task_id, ""))  # its owner is done: it runs again
+    assert ("resume", key[3:]) in [(e["kind"], e["node"]) for e in pool.pilot.events]
+
+
+# -- straggler insurance ---------------------------------------------------------------------------
+
+
+def test_the_last_part_on_a_slow_node_runs_again_where_it_ends_sooner_and_the_first_counts(
+) -> None:
+    pool = Pool.of({"pi4": 4})
+    pool.submit(CpuJob(4))  # 40 units
+    (job,) = pool.pilot.jobs.values()
+    ((key, slow),) = [(k, r) for k, r in pool.pending() if k != HERE]
+    assert slow.end - slow.start == 4 * FIRST_CHUNK_PER_WORKER  # pi4's first chunk, 4 workers
+    job.rates[key] = 1.0  # pi4 turned out slow: a unit a second
+    for _ in range(100):  # desk, at 100 units a second, does everything else at once
+        here = [run for k, run in pool.pending() if k == HERE]
+        if not here:
+            break
+        for run in here:
+            pool.finish(run, seconds=(run.end - run.start) / 100)
+
+    runs = [m for m in pool.executor.messages if isinstance(m, RunTask)]
+    assert (runs[-1].start, runs[-1].end) == (slow.start, slow.end)  # desk ran pi4's part too
+    assert ("straggler", "pi4") in [(e["kind"], e["node"]) for e in pool.pilot.events]
+    cancels = [m.msg for m in pool.transport.messages
+               if isinstance(m, ForPeer) and isinstance(m.msg, CancelTask)]
+    assert cancels == [CancelTask(slow.task_id)]  # desk's copy came first: pi4's is cancelled
+    pool.tell(TaskUnits(slow.task_id, {slow.start: b"late"}))  # too late to count
+    done = pool.done()
+    assert done is not None and done.ok
+    assert done.result["digest"] == one_node_digest(40)
+    units = {p["node"]: p["units"] for p in done.result["placements"]}
+    assert units == {"desk": 40}

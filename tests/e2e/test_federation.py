@@ -34,8 +34,9 @@ from vesta.workers.jobs import job_digest, unit_result
 pytestmark = pytest.mark.timeout(120)
 
 Start = Callable[..., Daemon]
-#: a spills only when its own cores are pinned, and counts b busy only when b's are: the tests
-#: hold however much else runs on this machine
+#: a spills only when its own cores are pinned, and counts b busy only when b's are; b, a lender,
+#: takes work while its owner's load (all else on its cores) is below it: the tests hold however
+#: much else runs on this machine
 BUSY_LINE = ("-spill-cpu-pct", "95")
 
 
@@ -68,7 +69,8 @@ def up(d: Daemon, name: str) -> bool:
 def pair(start: Start, *extra_b: str, key_b: str = KEY,
          extra_a: tuple[str, ...] = ()) -> tuple[Daemon, Daemon, dict[str, int]]:
     """Two daemons on loopback that seed each other, each on CPUs of its own where the machine
-    has two or more (as two machines would be: a's stress leaves b idle)."""
+    has two or more (as two machines would be: a's stress leaves b idle); b lends while what else
+    runs on its CPUs stays below BUSY_LINE."""
     (pa, da), (pb, db) = ports(), ports()
     cores = sorted(os.sched_getaffinity(0))
     half = max(1, len(cores) // 2)
@@ -76,7 +78,8 @@ def pair(start: Start, *extra_b: str, key_b: str = KEY,
     a = start("-port", str(pa), "-dport", str(da), "-seed", f"127.0.0.1:{db}",
               "-advertise-spare", "200", *extra_a, name="a", cpus=cpus_a)
     b = start("-port", str(pb), "-dport", str(db), "-seed", f"127.0.0.1:{da}",
-              "-advertise-spare", "200", "-key", key_b, *extra_b, name="b", cpus=cpus_b)
+              "-advertise-spare", "200", "-key", key_b, *BUSY_LINE, *extra_b, name="b",
+              cpus=cpus_b)
     return a, b, {"a_port": pa, "a_dport": da, "b_port": pb, "b_dport": db}
 
 

@@ -8,6 +8,7 @@ every daemon and namespace down after each test, whatever its outcome.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -528,6 +530,83 @@ def test_a_peer_stopped_mid_job_says_so_and_its_part_is_placed_again_at_once(
         psutil.wait_procs(children, timeout=10)
         assert not [p for p in children if not gone(p)]
     finally:
+        desk.cli("stop-stress")
+
+
+#: SPEC: lent work pauses within a second of the owner's load reaching the line.
+PAUSE_WITHIN_S = 1.0
+
+
+def lent_processes(pi4: LabDaemon) -> list[psutil.Process]:
+    """pi4's job processes that run work for a peer (at nice 19), and what they started."""
+    lent = []
+    for proc in pi4.descendants():
+        with contextlib.suppress(psutil.Error):
+            if proc.nice() == 19:
+                lent.append(proc)
+    return lent
+
+
+def stopped(proc: psutil.Process) -> bool:
+    """Stopped for good, or about to be at its next instant on the CPU: frozen or stopped, or its
+    cgroup told to freeze, or a SIGSTOP pending. A process at SCHED_IDLE that the owner's loop
+    starves gets that instant only every second or two; it gets no CPU in between."""
+    try:
+        if proc.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+            return True
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        path = next(line[3:] for line in Path(f"/proc/{proc.pid}/cgroup").read_text()
+                    .splitlines() if line.startswith("0::"))
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+        return True
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    if pending & (1 << (signal.SIGSTOP - 1)):
+        return True
+    mount = next((m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines()
+                  if m.split()[2] == "cgroup2"), None)
+    freeze = Path(mount or "/nonexistent", path.lstrip("/"), "cgroup.freeze")
+    return freeze.exists() and freeze.read_text().strip() == "1"
+
+
+def test_an_owners_busy_loop_pauses_lent_work_within_a_second_and_the_job_ends_elsewhere(
+    expected_digest: str, lab: Lab, pin_here: Callable[[int], None],
+) -> None:
+    cpu_desk, cpu_pi4 = two_cpus()
+    desk_host, pi4_host = lab.add_host("desk", cpu=cpu_desk), lab.add_host("pi4", cpu=cpu_pi4)
+    pin_here(cpu_desk)
+    desk = start_vestad(desk_host, "desk", KEY, *SAMPLED)
+    pi4 = start_vestad(pi4_host, "pi4", KEY, *SAMPLED, "-pause-replace-s", "1")
+    wait_for(lambda: up(desk, "pi4") and up(pi4, "desk"), timeout=10, what="the link")
+    owner = None
+    try:
+        job = start_spilled_job(desk, pi4)
+        lent = wait_for(lambda: lent_processes(pi4), what="pi4's lent job process")
+        owner = pi4_host.run([sys.executable, "-c", "while True: pass"])  # on pi4's CPU
+        began = time.monotonic()
+        wait_for(lambda: all(stopped(p) for p in lent), timeout=PAUSE_WITHIN_S + SLACK_S,
+                 interval=0.01, what="every lent process on pi4 to stop for its owner")
+        paused = time.monotonic() - began
+        print(f"\nowner's loop on pi4: lent work stopped after {paused:.2f} s")
+        assert paused <= PAUSE_WITHIN_S + SLACK_S
+        assert quick_status(pi4)["node"]["paused"].startswith("its owner's load is")
+
+        result = finished(job)  # placed on desk once paused for pause_replace_s (1 s)
+        assert_completed_on_desk(result)
+        kinds = {(e["kind"], e["node"]) for e in desk.status()["events"]}
+        assert {("pause", "pi4"), ("failover", "pi4")} <= kinds
+        # cancelled on pi4 once placed elsewhere: killed there, it ends when it next gets the
+        # CPU, which the owner's loop keeps (it is starved, and uses nothing meanwhile)
+        owner.kill()
+        owner.wait(10)
+        psutil.wait_procs(lent, timeout=10)
+        assert not [p for p in lent if not gone(p)]
+    finally:
+        if owner is not None and owner.poll() is None:
+            owner.kill()
+            owner.wait(10)
         desk.cli("stop-stress")
 
 

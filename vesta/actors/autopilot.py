@@ -63,8 +63,10 @@ from vesta.messages import (
     TaskCredit,
     TaskDone,
     TaskOutput,
+    TaskPaused,
     TaskUnits,
     ToClient,
+    Woke,
 )
 from vesta.policy import (
     SPLIT_MIN_UNITS,
@@ -84,6 +86,10 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.2
 #: A part of a job that fails on its own account is run again this many times before the job fails.
 MAX_ATTEMPTS = 3
+#: Straggler insurance: a split job's last part is run a second time where it would end in
+#: less than 1/STRAGGLER_FACTOR of the time, if it would take at least STRAGGLER_MIN_S more.
+STRAGGLER_FACTOR = 2.0
+STRAGGLER_MIN_S = 0.5
 #: Placements remembered for ``vesta why``.
 PLACEMENTS_KEPT = 50
 #: Recent joins, leaves, refusals and failovers shown by ``status``.
@@ -111,6 +117,9 @@ class _Part:
     key: str  # HERE or the peer's fingerprint
     name: str
     workers: int
+    started: float = 0.0  # monotonic
+    paused_since: float | None = None  # when its lender paused it for its owner
+    insures: str = ""  # the part whose unfinished end it runs again (straggler insurance)
 
 
 @dataclass
@@ -153,6 +162,7 @@ class Autopilot(VestaActor):
         self.jobs: dict[str, _Job] = {}
         self.queue: deque[str] = deque()
         self.tasks: dict[str, str] = {}  # task id -> job id
+        self.dropped: dict[str, tuple[str, str]] = {}  # parts no longer waited for -> node
         self.placements: deque[dict[str, Any]] = deque(maxlen=PLACEMENTS_KEPT)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.draining = False
@@ -172,11 +182,15 @@ class Autopilot(VestaActor):
         match message:
             case NodeInfo():
                 self.node = message
+                self.move_paused()
                 self.dispatch()
             case StressState():
                 self.stress = message
             case LedgerSnapshot(book=book):
                 self.ledger = book
+            case Woke(slept_s=slept):
+                self.event("suspend", self.config.name, f"this node was suspended for "
+                           f"{slept:.0f} s; its lent work ended, its links are checked afresh")
             case PeerTable(peers=peers):
                 self.peer_events({p["fingerprint"]: p for p in peers})
                 self.peers = {p["fingerprint"]: p for p in peers}
@@ -191,6 +205,8 @@ class Autopilot(VestaActor):
                     self.to_client(job.client, JobOutput(job.job_id, stream, data))
             case TaskDone():
                 self.on_task_done(message)
+            case TaskPaused(task_id=task_id, why=why):
+                self.on_paused(task_id, why)
             case ClientGone(client=client):
                 for gone in [j for j in self.jobs.values() if j.client == client]:
                     self.cancel(gone)
@@ -267,17 +283,22 @@ class Autopilot(VestaActor):
         }
 
     def flows(self) -> list[dict[str, Any]]:
-        """The parts running now on other nodes than this one."""
+        """The parts running now on other nodes than this one: units done of how many, and the
+        rate so far in units a second (0 while paused for the lender's owner)."""
         flows = []
+        now = time.monotonic()
         for job in self.jobs.values():
             for part in job.parts.values():
                 if part.key == HERE:
                     continue
                 lease = job.book.leases.get(part.task_id)
                 if lease is not None:
+                    ran = now - part.started
+                    rate = lease.done / ran if ran > 0 and part.paused_since is None else 0.0
                     flows.append({"job_id": job.job_id, "from": self.config.name,
                                   "to": part.name, "units_done": lease.done,
-                                  "units": lease.size, "rate": 0.0})
+                                  "units": lease.size, "rate": round(rate, 2),
+                                  "paused": part.paused_since is not None})
         return flows
 
     def event(self, kind: str, node: str, detail: str) -> None:
@@ -402,9 +423,9 @@ class Autopilot(VestaActor):
                 return
             if self.queue and self.queue[0] == job_id:  # it may have finished, failing
                 self.queue.popleft()
-        if not self.queue and not self.draining:  # room for no other job: a split may grow
-            for job in list(self.jobs.values()):
-                if job.chunked and job.parts and job.book.missing_units():
+        if not self.queue and not self.draining:  # room for no other job: a split may grow,
+            for job in list(self.jobs.values()):  # or insure its last part
+                if job.chunked and job.parts:
                     self.feed(job)
 
     def place(self, job: _Job) -> bool:
@@ -465,6 +486,7 @@ class Autopilot(VestaActor):
             self.start_part(job, node, span)
             job.chunks[node.name] += 1
             holding[node.key] = job.parts[next(reversed(job.parts))]
+        self.insure(job, self.split_nodes(job), guess)
 
     @staticmethod
     def in_hand(job: _Job, part: _Part | None) -> int:
@@ -472,12 +494,22 @@ class Autopilot(VestaActor):
         lease = job.book.leases.get(part.task_id) if part is not None else None
         return job.book.unfinished(lease) if lease is not None else 0
 
-    def start_part(self, job: _Job, node: Candidate, span: tuple[int, int]) -> None:
-        start, end = span
-        workers = min(node.free, end - start) if _is_cpu(job) else 1
+    def start_part(self, job: _Job, node: Candidate, span: tuple[int, int],
+                   insures: str = "") -> None:
+        """Lease units [start, end) to ``node`` and send it the task; with ``insures``, the
+        unfinished end of that part's lease instead, run a second time there."""
         task_id = f"{job.job_id}.{next(self._task_ids)}"
-        job.book.lease(task_id, node.key, start, end)
-        job.parts[task_id] = _Part(task_id, node.key, node.name, workers)
+        if insures:
+            lease = job.book.duplicate(task_id, node.key, insures)
+            if lease is None:
+                return
+            start, end = lease.start, lease.end
+        else:
+            start, end = span
+            job.book.lease(task_id, node.key, start, end)
+        workers = min(node.free, end - start) if _is_cpu(job) else 1
+        job.parts[task_id] = _Part(task_id, node.key, node.name, workers, time.monotonic(),
+                                   insures=insures)
         if job.started is None:
             job.started = time.monotonic()
         self.tasks[task_id] = job.job_id
@@ -488,6 +520,53 @@ class Autopilot(VestaActor):
         else:
             self.links.to_peer(node.key, run)
         self.to_client(job.client, JobStarted(job.job_id, node.name, end - start))
+
+    def insure(self, job: _Job, nodes: list[Candidate], guess: float) -> None:
+        """Straggler insurance: once every unit of a split job is handed out, a node with a free
+        worker and no part of the job runs again the unfinished end of the part that would end
+        last, if that part's node would take more than ``STRAGGLER_FACTOR`` times as long for
+        it. Whichever finishes a unit first has it counted; the other copy is cancelled."""
+        holding = {part.key for part in job.parts.values()}
+        free = [n for n in nodes if n.key not in holding and n.free > 0]
+        if not free or job.book.missing_units():
+            return
+        node = max(free, key=lambda n: job.rates.get(n.key, guess))
+        rate = job.rates.get(node.key, guess)
+        insured = {part.insures for part in job.parts.values() if part.insures}
+        worst, worst_left = None, 0.0
+        now = time.monotonic()
+        for part in job.parts.values():
+            lease = job.book.leases.get(part.task_id)
+            if part.insures or part.task_id in insured or lease is None:
+                continue
+            ran = now - part.started
+            seen = max(lease.done, 0.5) / ran if ran >= 1.0 else guess  # a first chunk dragging
+            left = job.book.unfinished(lease) / job.rates.get(part.key, seen)
+            if left > worst_left:
+                worst, worst_left = part, left
+        if worst is None or worst_left < STRAGGLER_MIN_S:
+            return
+        lease = job.book.leases[worst.task_id]
+        here = job.book.unfinished(lease) / rate
+        if worst_left > STRAGGLER_FACTOR * here:
+            self.event("straggler", worst.name, f"job {job.job_id}: its last "
+                       f"{job.book.unfinished(lease)} units (about {worst_left:.1f} s there) "
+                       f"run on {node.name} too (about {here:.1f} s); the first result counts")
+            self.start_part(job, node, (0, 0), insures=worst.task_id)
+            job.chunks[node.name] += 1
+
+    def cancel_overtaken(self, job: _Job) -> None:
+        """A part whose units were all finished by another (its straggler insurance, or the part
+        it insured) is cancelled there and not waited for."""
+        overtaken = False
+        for task_id, part in list(job.parts.items()):
+            lease = job.book.leases.get(task_id)
+            if lease is not None and lease.done < lease.size and not job.book.unfinished(lease):
+                self.cancel_part(task_id, part)
+                self.drop_part(job, task_id)
+                overtaken = True
+        if overtaken and not job.parts:  # the part that would have ended the job was dropped
+            self.settle(job, TaskDone("", True, 0.0))
 
     def remember(self, job: _Job, decisions: list[Decision]) -> None:
         self.placements.append({
@@ -510,6 +589,7 @@ class Autopilot(VestaActor):
             return
         part = job.parts[task_id]
         job.units[part.name] += job.book.record(task_id, units)
+        self.cancel_overtaken(job)
         now = time.monotonic()
         if now - job.last_progress >= PROGRESS_INTERVAL:
             job.last_progress = now
@@ -517,6 +597,9 @@ class Autopilot(VestaActor):
                                                    dict(job.units)))
 
     def on_task_done(self, done: TaskDone) -> None:
+        dropped = self.dropped.pop(done.task_id, None)
+        if dropped is not None and (done.cpu_s or done.mib_s):  # what it used is owed anyway
+            tell_quietly(self.links.ledger, Charge(*dropped, False, done.cpu_s, done.mib_s))
         job = self._job_of(done.task_id)
         if job is None:
             return
@@ -548,6 +631,53 @@ class Autopilot(VestaActor):
             elif job.book.missing_units() and job.job_id not in self.queue:
                 self.queue.appendleft(job.job_id)  # what a lost node ran goes elsewhere now
         self.dispatch()
+
+    def on_paused(self, task_id: str, why: str) -> None:
+        job = self._job_of(task_id)
+        part = job.parts.get(task_id) if job is not None else None
+        if job is None or part is None:
+            return
+        if why and part.paused_since is None:
+            part.paused_since = time.monotonic()
+            self.event("pause", part.name, f"job {job.job_id}: paused for its owner: {why}")
+        elif not why and part.paused_since is not None:
+            part.paused_since = None
+            self.event("resume", part.name, f"job {job.job_id}: runs again")
+
+    def move_paused(self) -> None:
+        """Parts paused for their lender's owner longer than ``pause_replace_s`` go where another
+        node can take them now; that lender is not asked again for the job. An exec without
+        ``--retry`` waits for its lender instead: a command may have side effects."""
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if job.cancelled or (isinstance(job.job, ExecJob) and not job.job.retry):
+                continue
+            for task_id, part in list(job.parts.items()):
+                if part.paused_since is None or (
+                        now - part.paused_since < self.config.pause_replace_s):
+                    continue
+                elsewhere, _ = self.plan(job.job, job.excluded | {part.key})
+                if elsewhere is None or elsewhere.free <= 0 or elsewhere.key == part.key:
+                    continue
+                job.excluded.add(part.key)
+                self.event("failover", part.name, f"job {job.job_id}: paused for its owner for "
+                           f"{now - part.paused_since:.1f} s; its units go to {elsewhere.name}")
+                self.cancel_part(task_id, part)
+                self.drop_part(job, task_id)
+
+    def drop_part(self, job: _Job, task_id: str) -> None:
+        """Stop waiting for a part: its lease is released at once and its unfinished units are
+        placed again, without waiting for its node, which may take long to stop it (a process
+        lent at SCHED_IDLE and starved by the owner's work ends only when it gets the CPU). What
+        the node still sends for it is dropped: its lease is no longer held."""
+        del self.tasks[task_id]
+        part = job.parts.pop(task_id)
+        self.booked[part.key] -= part.workers
+        lease = job.book.release(task_id)
+        job.retried += job.book.unfinished(lease) if lease is not None else 0
+        self.dropped[task_id] = (part.key, part.name)  # its lender's charge is still booked
+        if job.book.missing_units() and job.job_id not in self.queue:
+            self.queue.appendleft(job.job_id)
 
     def lost_part(self, job: _Job, part: _Part, done: TaskDone, unfinished: int) -> None:
         """A node refused the part or went away: not the job's fault, and not asked again."""

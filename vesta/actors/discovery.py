@@ -48,6 +48,7 @@ from vesta.messages import (
     Scope,
     SeedsResolved,
     Tick,
+    Woke,
     decode,
     encode,
 )
@@ -206,6 +207,11 @@ class Discovery(VestaActor):
             case Tick(name="beacon"):
                 self.announce()
                 self.expire()
+            case Woke():  # a laptop's lid opened: perhaps on another network; say so at once
+                self.read_networks()
+                self.announce()
+                if self.seeds:
+                    self.announce(to=self.seeds)
             case BeaconHeard():
                 self.heard(message)
             case PeerLinked():

@@ -45,13 +45,15 @@ from vesta.messages import (
     TaskCredit,
     TaskDone,
     TaskOutput,
+    TaskPaused,
     TaskUnits,
     ToClient,
+    Woke,
     WorkerExited,
     WorkerOutput,
     WorkerUnits,
 )
-from vesta.policy import admit, leech_refusal, want_of
+from vesta.policy import admit, leech_refusal, owner_busy, want_of
 from vesta.workers.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -82,12 +84,15 @@ class Executor(VestaActor):
     def __init__(
         self, counters: Counters, links: Links, cores: list[int] | None = None,
         max_borrow_ratio: float = 5.0, goodwill_core_s: float = 120.0,
+        spill_cpu_pct: float = 80.0,
     ) -> None:
         super().__init__(counters)
         self.links = links
+        self.spill_cpu_pct = spill_cpu_pct
         self.max_borrow_ratio = max_borrow_ratio
         self.goodwill_core_s = goodwill_core_s
         self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
+        self.paused = ""  # why work lent here is paused for the owner now; "" while it runs
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
         self.tasks: dict[str, _Task] = {}
         self.owner: dict[str, str] = {}  # worker id -> task id
@@ -109,8 +114,11 @@ class Executor(VestaActor):
                 self.run_task(message)
             case LendTask():
                 self.lend(message)
-            case NodeInfo():
+            case NodeInfo(paused=paused):
                 self.node = message
+                if bool(paused) != bool(self.paused):
+                    self.pause_lent(paused)
+                self.paused = paused  # the latest figures, for refusals
             case LedgerSnapshot(book=book):
                 self.ledger = book
             case CancelTask(task_id=task_id):
@@ -133,6 +141,12 @@ class Executor(VestaActor):
             case StopStress(client=client):
                 stopped = self.stop_stress()
                 self.links.clients.tell(ToClient(client, StressReply(0, 0.0, stopped)))
+            case Woke(slept_s=slept):  # its submitters have placed what it lent elsewhere
+                lent = [task_id for task_id, task in self.tasks.items() if task.peer]
+                for task_id in lent:
+                    self.cancel(task_id)
+                if lent:
+                    logger.info("ended %d lent task(s) after %.0f s asleep", len(lent), slept)
             case Drain():  # what runs for peers is handed back at once: they place it elsewhere
                 self.draining = True
                 for task_id, task in list(self.tasks.items()):
@@ -154,9 +168,11 @@ class Executor(VestaActor):
         node = self.node
         name = node.name if node else "this node"
         balance = self.ledger.get(lend.fingerprint, {})
+        owner = (f"it is paused for its owner: {self.paused}" if self.paused else owner_busy(
+            node.owner_cpu_pct, self.spill_cpu_pct)) if node is not None else ""
         why = "it is stopping" if self.draining or node is None else admit(
             want_of(run.job), node.offer_workers, busy, node.offer_mem_mb, mem,
-            node.allow_exec, node.exec_allowlist, node.gpu) or leech_refusal(
+            node.allow_exec, node.exec_allowlist, node.gpu, owner) or leech_refusal(
             lend.name, balance.get("lent", 0.0), balance.get("borrowed", 0.0),
             self.max_borrow_ratio, self.goodwill_core_s)
         if why:
@@ -173,6 +189,25 @@ class Executor(VestaActor):
                             workers=workers)
         assert isinstance(local, RunTask)
         self.run_task(local, peer=lend.fingerprint, peer_task=run.task_id, peer_name=lend.name)
+
+    def pause_lent(self, why: str) -> None:
+        """Pause every task lent here (``why`` says for what) or let them all run again (""),
+        and tell each submitter, which places elsewhere what stays paused too long."""
+        self.paused = why
+        for task in self.tasks.values():
+            if not task.peer or task.cancelled:
+                continue
+            for worker in task.workers:
+                if why:
+                    self.supervisor.pause(worker)
+                else:
+                    self.supervisor.resume(worker)
+            self.links.to_peer(task.peer, TaskPaused(task.peer_task, why))
+        lent = sum(1 for task in self.tasks.values() if task.peer)
+        if why:
+            logger.info("lent work paused for the owner (%d task(s) now): %s", lent, why)
+        else:
+            logger.info("lent work may run again (%d task(s) resumed)", lent)
 
     def lent_cpus(self) -> list[int]:
         """The CPUs a command run for a peer may use: as many as this node offers (SPEC), the

@@ -6,7 +6,10 @@ Autopilot, and only for tasks that were sent to this very peer. When the link go
 peer says it is leaving, every such task ends with a failed ``TaskDone`` so the Autopilot places
 its work elsewhere at once. For the tasks the peer sends here (this node lends), the link hands
 them to the Executor, which admits or refuses them, and cancels them all if the link goes down:
-nothing runs on for a peer that cannot hear the result. The Transport actor starts and stops it.
+nothing runs on for a peer that cannot hear the result. Each time a link comes up, it first tells
+the peer which of its tasks it still waits for (``Leases``); the peer ends every other task it
+runs for this node, which a partition that one side did not notice could have left behind. The
+Transport actor starts and stops it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vesta.identity import Identity
 from vesta.messages import (
     CancelTask,
     ForPeer,
+    Leases,
     LendTask,
     LinkDown,
     LinkMessage,
@@ -34,6 +38,7 @@ from vesta.messages import (
     TaskCredit,
     TaskDone,
     TaskOutput,
+    TaskPaused,
     TaskUnits,
     encode,
 )
@@ -71,6 +76,7 @@ class PeerLink(VestaActor):
                     self.loop.retire(self.conn_id)  # after all this link sent on it
                 self.conn_id, self.host = conn_id, host
                 unsent, self.unsent = self.unsent, []
+                self.loop.send(conn_id, encode(Leases(sorted(self.sent))))
                 for payload in unsent:
                     self.loop.send(conn_id, payload)
             case LinkMessage(msg=msg):
@@ -117,12 +123,22 @@ class PeerLink(VestaActor):
                 if task_id in self.lent:
                     self.links.executor.tell(
                         TaskCredit(lent_task_id(self.fingerprint, task_id), size))
-            case TaskUnits(task_id=task_id) | TaskOutput(task_id=task_id):
+            case TaskUnits(task_id=task_id) | TaskOutput(task_id=task_id) | TaskPaused(
+                    task_id=task_id):
                 if task_id in self.sent:
                     self.links.autopilot.tell(msg)
             case TaskDone(task_id=task_id):
                 if self.sent.pop(task_id, None) is not None:
                     self.links.autopilot.tell(msg)
+            case Leases(task_ids=held):
+                stale = self.lent - set(held)
+                for task_id in stale:  # placed elsewhere while the link was down
+                    self.links.executor.tell(CancelTask(lent_task_id(self.fingerprint, task_id)))
+                self.lent -= stale
+                if stale:
+                    self.counters.add("stale_leases_ended", len(stale))
+                    logger.info("%s no longer waits for %d task(s) it lent here; ended them",
+                                self.peer_name, len(stale))
             case PeerHello(node=node):
                 self.peer_name = node.name
                 self.links.discovery.tell(PeerSeen(self.fingerprint, self.host, msg))

@@ -17,7 +17,9 @@ It reports to its parent over the same pipe with small tuples:
   ``reusable`` (False after an unexpected error: the process then exits); ``cpu_s`` is the CPU
   the task used, its command's included, which the ledger charges.
 
-The parent writes tasks and, for a running exec command, output credits ``("credit", size)``.
+The parent writes tasks and, for a running exec command, output credits ``("credit", size)``
+and, after the task was paused for the node's owner, ``("resumed", seconds)``: its timeout
+counts running time only.
 The workers of a cpu task share a :class:`UnitCounter`, whose file descriptor follows the task
 over the pipe.
 
@@ -150,11 +152,24 @@ def _prctl(option: int, value: int) -> None:
 
 
 def lowest_priority() -> None:
-    """nice 19 and SCHED_IDLE where the platform has it: the owner's own work comes first."""
+    """nice 19 and SCHED_IDLE where the platform has it: the owner's own work comes first.
+
+    Where the kernel groups processes by session for scheduling (``sched_autogroup``, on by
+    default on Debian and Raspberry Pi OS), a process that starts a session gets a group of its
+    own, which competes with the owner's session as an equal whatever the nice value of the
+    processes inside: the group is made nice 19 too.
+    """
     with contextlib.suppress(OSError):
         os.nice(19 - os.nice(0))
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    nicest_autogroup("self")
+
+
+def nicest_autogroup(pid: int | str) -> None:
+    """Make the scheduling group of ``pid``'s session nice 19, where the kernel has them."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
+        f.write("19")
 
 
 def serve(conn: Connection, lend: bool, cgroup: str | None = None) -> None:
@@ -166,7 +181,8 @@ def serve(conn: Connection, lend: bool, cgroup: str | None = None) -> None:
     why the supervisor keeps lent and local processes apart. Where the supervisor gives it a
     cgroup of its own, the process moves there first, and its commands start in it.
     """
-    global _contained
+    global _contained, _lending
+    _lending = lend
     prepare_child(lend, signal.SIGTERM)
     if cgroup is not None:
         try:
@@ -480,6 +496,8 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> Result:
 
     try:
         proc = start_command([program, *argv[1:]], workdir, env)
+        if _lending:  # its session is a scheduling group of its own: as nice as this one's
+            nicest_autogroup(proc.pid)
     except PermissionError:
         return exits.NOT_EXECUTABLE, f"{argv[0]}: not executable (permission denied)", {}
     except FileNotFoundError:
@@ -525,6 +543,8 @@ def start_command(argv: list[str], workdir: str, env: dict[str, str],
 
 #: Whether this process moved to a cgroup of its own at start (see :func:`serve`).
 _contained = False
+#: Whether this process runs work for peers (see :func:`serve`).
+_lending = False
 _launcher: list[str] | None = None
 
 
@@ -618,7 +638,10 @@ def _relay(conn: Connection, proc: subprocess.Popen[bytes], pidfd: int | None,
             if fd == pidfd:
                 continue  # the next round reaps it
             if fd == conn.fileno():
-                unacked -= _credits(conn)
+                credit, paused_s = _credits(conn)
+                unacked -= credit
+                if deadline is not None:  # a timeout counts running time, not time paused
+                    deadline += paused_s
                 continue
             data = os.read(fd, 65536)
             if not data:
@@ -633,15 +656,18 @@ def _relay(conn: Connection, proc: subprocess.Popen[bytes], pidfd: int | None,
     return timed_out
 
 
-def _credits(conn: Connection) -> int:
-    """The output credits waiting on the pipe; an EOF means the parent is gone."""
-    total = 0
+def _credits(conn: Connection) -> tuple[int, float]:
+    """The output credits waiting on the pipe, and the seconds the task was paused for its
+    owner since the last call; an EOF means the parent is gone."""
+    total, paused = 0, 0.0
     try:
         while conn.poll():
             message = conn.recv()
             if isinstance(message, tuple) and message[:1] == ("credit",):
                 total += int(message[1])
+            elif isinstance(message, tuple) and message[:1] == ("resumed",):
+                paused += float(message[1])
     except (EOFError, OSError):
         total += 1 << 40  # nobody to wait for: let the command finish
-    return total
+    return total, paused
 

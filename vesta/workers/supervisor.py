@@ -43,10 +43,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import send_handle
 from typing import Any
+
+import psutil
 
 from vesta import exits
 from vesta.messages import Message, WorkerExited, WorkerOutput, WorkerUnits
@@ -333,6 +335,9 @@ class _Piece:
     share: str | None = None  # the group whose unit counter it shares
     pgid: int | None = None
     credit: int = 0  # output credit not yet sent to its process
+    paused_at: float | None = None  # when it was paused for the owner; None while it runs
+    stopped: set[int] = field(default_factory=set)  # process groups SIGSTOPped to pause it
+    resumed_s: float = 0.0  # seconds paused not yet told its process (its deadline moves)
 
 
 class Supervisor(threading.Thread):
@@ -364,6 +369,10 @@ class Supervisor(threading.Thread):
         self._pieces: dict[str, _Piece] = {}  # worker id -> the piece it runs
         self._counters: dict[str, jobs.UnitCounter] = {}  # share group -> its unit counter
         self._closing = False
+        # the lent CPU meter, read by the sampler's thread
+        self._meter_lock = threading.Lock()
+        self._lent_seen: dict[int, float] = {}  # pid of a lent process -> CPU it had used
+        self._lent_gone = 0.0  # CPU of lent processes that have ended
 
     # -- called from other threads -----------------------------------------------------------------
 
@@ -376,6 +385,33 @@ class Supervisor(threading.Thread):
     def credit(self, worker_id: str, size: int) -> None:
         """Let an exec worker send ``size`` more bytes of its command's output."""
         self._command("credit", worker_id, size)
+
+    def pause(self, worker_id: str) -> None:
+        """Stop a piece where it is, its command and what that started too: freeze its
+        process's cgroup, or SIGSTOP its process group and its command's."""
+        self._command("pause", worker_id)
+
+    def resume(self, worker_id: str) -> None:
+        """Let a paused piece run again; an exec's deadline moves by the time it was paused."""
+        self._command("resume", worker_id)
+
+    def lending(self) -> bool:
+        """Whether a piece runs, or is paused, for a peer now."""
+        return any(piece.worker.lend for piece in list(self._pieces.values()))
+
+    def lent_cpu_seconds(self) -> float:
+        """The CPU the job processes lent to peers have used, their commands and what those
+        left included, since this supervisor started: it never goes down, a process that ended
+        keeps counting what it had used. Read from their cgroups where they have one."""
+        with self._meter_lock:
+            live: dict[int, float] = {}
+            for worker in list(self._workers):
+                if worker.lend and worker.process.pid is not None:
+                    pid = worker.process.pid
+                    live[pid] = _cpu_of(worker) or self._lent_seen.get(pid, 0.0)
+            self._lent_gone += sum(v for pid, v in self._lent_seen.items() if pid not in live)
+            self._lent_seen = live
+            return self._lent_gone + sum(live.values())
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Kill every worker and end the thread."""
@@ -422,6 +458,12 @@ class Supervisor(threading.Thread):
                 case ("credit", worker_id, size):
                     if worker_id in self._pieces:
                         self._pieces[worker_id].credit += size
+                case ("pause", worker_id):
+                    if worker_id in self._pieces:
+                        self._pause(self._pieces[worker_id])
+                case ("resume", worker_id):
+                    if worker_id in self._pieces:
+                        self._resume(self._pieces[worker_id])
                 case ("close",):
                     self._closing = True
                     for piece in list(self._pieces.values()):
@@ -508,7 +550,12 @@ class Supervisor(threading.Thread):
         if worker not in self._workers:  # reaped earlier in this round
             return
         if event == "report":
-            self._read(worker, ready=True)
+            if not self._read(worker, ready=True):
+                # its pipe closed: the process is ending, and its sentinel says when it has.
+                # Watched on, the closed pipe would be ready at every round, and this thread
+                # spin at full speed until then, starving an ending process that lent at
+                # SCHED_IDLE on the same core: it might never end.
+                self._unwatch(worker.conn)
         else:  # it ended: what it sent before goes first
             while worker.piece is not None and self._read(worker):
                 pass
@@ -543,7 +590,7 @@ class Supervisor(threading.Thread):
         """A piece ended and its process cleaned up after it: report it, and keep the process
         for the next task of its pool or end it."""
         worker.piece = None
-        self._selector.unregister(worker.conn)
+        self._unwatch(worker.conn)
         del self._pieces[piece.worker_id]
         self._release(piece.share)
         self.report(exited)
@@ -552,6 +599,10 @@ class Supervisor(threading.Thread):
             self._idle[worker.lend].append(worker)
         else:
             self._end(worker)
+
+    def _unwatch(self, conn: Connection) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn)
 
     def _release(self, share: str | None) -> None:
         """Drop a group's unit counter once no piece of it runs."""
@@ -566,7 +617,7 @@ class Supervisor(threading.Thread):
         self._selector.unregister(worker.process.sentinel)
         piece, worker.piece = worker.piece, None
         if piece is not None:
-            self._selector.unregister(worker.conn)
+            self._unwatch(worker.conn)
         worker.conn.close()
         self._workers.remove(worker)
         with contextlib.suppress(ValueError):
@@ -588,9 +639,36 @@ class Supervisor(threading.Thread):
         with contextlib.suppress(ValueError):
             worker.process.close()
 
+    def _pause(self, piece: _Piece) -> None:
+        if piece.paused_at is not None or piece.worker.ending:  # a killed one is let die
+            return
+        piece.paused_at = time.monotonic()
+        worker = piece.worker
+        if worker.cgroup is not None and _populated(worker.cgroup) and _freeze(worker.cgroup, True):
+            return
+        piece.stopped = _groups_below(worker.process.pid) | (
+            {piece.pgid} if piece.pgid is not None else set())
+        for group in piece.stopped:
+            exits.kill_group(group, signal.SIGSTOP)
+
+    def _resume(self, piece: _Piece) -> None:
+        """Thaw and SIGCONT a paused piece (both: harmless where it was not stopped so)."""
+        if piece.paused_at is None:
+            return
+        worker = piece.worker
+        if worker.cgroup is not None:
+            _freeze(worker.cgroup, False)
+        for group in piece.stopped:
+            exits.kill_group(group, signal.SIGCONT)
+        piece.stopped = set()
+        if piece.kind == "exec":  # its deadline counts running time only
+            piece.resumed_s += time.monotonic() - piece.paused_at
+        piece.paused_at = None
+
     def _kill(self, piece: _Piece) -> None:
         """Stop a piece, and its process with it: an exec worker first gets SIGTERM to clean up
-        after its command."""
+        after its command (a paused one is let run first, so that it can)."""
+        self._resume(piece)
         worker = piece.worker
         worker.ending = True
         if piece.pgid is not None:  # the command runs: its session goes now, the rest with the
@@ -622,6 +700,10 @@ class Supervisor(threading.Thread):
                 with contextlib.suppress(OSError, ValueError):
                     piece.worker.conn.send(("credit", piece.credit))
                 piece.credit = 0
+            if piece.resumed_s and piece.paused_at is None and _writable(piece.worker.conn):
+                with contextlib.suppress(OSError, ValueError):
+                    piece.worker.conn.send(("resumed", piece.resumed_s))
+                piece.resumed_s = 0.0
 
     def _timers(self) -> float | None:
         """SIGKILL pieces whose grace is over and retire processes idle for too long; return the
@@ -629,7 +711,7 @@ class Supervisor(threading.Thread):
         now = time.monotonic()
         pending = []
         for piece in self._pieces.values():
-            if piece.credit:
+            if piece.credit or (piece.resumed_s and piece.paused_at is None):
                 pending.append(CREDIT_RETRY)  # its pipe was full: try again soon
             if piece.kill_at is None:
                 continue
@@ -646,6 +728,60 @@ class Supervisor(threading.Thread):
                 else:
                     pending.append(retire_at - now)
         return min(pending) if pending else None
+
+
+def _freeze(cgroup: str, frozen: bool) -> bool:
+    """Freeze or thaw a cgroup v2 and what is in it; False where it cannot be done."""
+    try:
+        with open(os.path.join(cgroup, "cgroup.freeze"), "w") as f:
+            f.write("1" if frozen else "0")
+    except OSError:
+        return False
+    return True
+
+
+def _populated(cgroup: str) -> bool:
+    """Whether a process is in the cgroup (a job process that could not move there is not)."""
+    try:
+        with open(os.path.join(cgroup, "cgroup.events")) as f:
+            return "populated 1" in f.read()
+    except OSError:
+        return False
+
+
+def _groups_below(pid: int) -> set[int]:
+    """The process groups of a job process (it leads its own) and of everything below it: an
+    exec's command stands in a session of its own, and may have started others."""
+    groups = {pid}
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(pid).children(recursive=True):
+            with contextlib.suppress(OSError):
+                groups.add(os.getpgid(child.pid))
+    return groups
+
+
+def _cpu_of(worker: _Worker) -> float:
+    """CPU seconds a job process and everything below it used: its cgroup's, where it is in one,
+    else what /proc says of it and of its live descendants, each with its waited-for children."""
+    if worker.cgroup is not None:
+        try:
+            with open(os.path.join(worker.cgroup, "cpu.stat")) as f:
+                usage = next((int(line.split()[1]) for line in f
+                              if line.startswith("usage_usec ")), 0)
+            if usage:  # else the process is not in it: it could not move there
+                return usage / 1e6
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        root = psutil.Process(worker.process.pid)
+        total = 0.0
+        for proc in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+        return total
+    except (psutil.Error, ValueError, TypeError):
+        return 0.0
 
 
 def _writable(conn: Connection) -> bool:
