@@ -25,11 +25,13 @@ logger = logging.getLogger(__name__)
 def node_info(reading: Reading, config: Any, fingerprint: str, address: str,
               lent_cpu_pct: float = 0.0, paused: str = "",
               owner_cpu_pct: float | None = None) -> NodeInfo:
-    """What this node tells about itself, from one reading: while ``paused`` it offers nothing,
-    and within 10 degrees of ``thermal_max_c`` its offer shrinks."""
+    """What this node tells about itself, from one reading: while ``paused``, or while its
+    owner's load is at or over the spill line, it offers nothing (it would refuse anyway), and
+    within 10 degrees of ``thermal_max_c`` its offer shrinks."""
     power = power_state(reading.supplies, config.power, config.battery_min_pct)
-    share = 0.0 if paused else power.willingness * thermal_share(hottest(reading.temps_c),
-                                                                 config.thermal_max_c)
+    busy = owner_cpu_pct is not None and owner_cpu_pct >= config.spill_cpu_pct
+    share = 0.0 if paused or busy else power.willingness * thermal_share(
+        hottest(reading.temps_c), config.thermal_max_c)
     return NodeInfo(
         name=config.name, fingerprint=fingerprint, address=address, version=PROTOCOL_VERSION,
         cores=reading.cores, cpu_pct=reading.cpu_pct, mem_available_mb=reading.mem_available_mb,

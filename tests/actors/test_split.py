@@ -324,3 +324,37 @@ def test_the_last_part_on_a_slow_node_runs_again_where_it_ends_sooner_and_the_fi
     assert done.result["digest"] == one_node_digest(40)
     units = {p["node"]: p["units"] for p in done.result["placements"]}
     assert units == {"desk": 40}
+
+
+# -- a node lost or refusing mid-split -------------------------------------------------------------
+
+
+def test_units_a_lost_node_held_start_at_once_here_beside_this_nodes_chunk() -> None:
+    pool = Pool.of({"pi4": 1})
+    pool.submit(CpuJob(20))
+    ((_, here_first),) = [(k, r) for k, r in pool.pending() if k == HERE]
+    ((pi_key, pi_first),) = [(k, r) for k, r in pool.pending() if k != HERE]
+    pool.finish(here_first, seconds=0.02)  # 100 units a second: desk takes its next chunk
+    assert len([k for k, _ in pool.pending() if k == HERE]) == 1
+
+    pool.lose(pi_key, pi_first, finished=0)
+
+    here = [run for k, run in pool.pending() if k == HERE]
+    assert len(here) == 2, "pi4's units wait for desk's chunk to end"
+    assert (here[-1].start, here[-1].end) == (pi_first.start, pi_first.end)
+
+
+def test_a_node_that_refuses_a_chunk_rests_then_is_asked_again() -> None:
+    pool = Pool.of({"pi4": 1})
+    pool.submit(CpuJob(20))
+    ((pi_key, refused),) = [(k, r) for k, r in pool.pending() if k != HERE]
+    pool.answered.add(refused.task_id)
+    pool.tell(TaskDone(refused.task_id, False, 0.0, exits.NOT_RUN, "pi4 refused cpu: its "
+                       "owner's load is 90%, at or over the 80% spill line", refused=True))
+    pool.tell(pool.pilot.node)  # a reading: pi4 rests
+    assert not [k for k, _ in pool.pending() if k != HERE]
+
+    (job,) = pool.pilot.jobs.values()
+    job.resting[pi_key] = 0.0  # its rest is over
+    pool.tell(pool.pilot.node)
+    assert [k for k, _ in pool.pending() if k != HERE] == [pi_key]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import Counter, deque
@@ -69,6 +70,7 @@ from vesta.messages import (
     Woke,
 )
 from vesta.policy import (
+    CHUNK_SECONDS,
     SPLIT_MIN_UNITS,
     Candidate,
     Decision,
@@ -90,6 +92,8 @@ MAX_ATTEMPTS = 3
 #: less than 1/STRAGGLER_FACTOR of the time, if it would take at least STRAGGLER_MIN_S more.
 STRAGGLER_FACTOR = 2.0
 STRAGGLER_MIN_S = 0.5
+#: Seconds a node that refused a chunk of a split job is not asked again for that job.
+REFUSAL_REST_S = 2.0
 #: Placements remembered for ``vesta why``.
 PLACEMENTS_KEPT = 50
 #: Recent joins, leaves, refusals and failovers shown by ``status``.
@@ -136,6 +140,8 @@ class _Job:
     attempts: int = 0
     retried: int = 0
     excluded: set[str] = field(default_factory=set)  # nodes not to ask again for this job
+    resting: dict[str, float] = field(default_factory=dict)  # node -> not asked until then
+    lost_waiting: bool = False  # units a lost node held wait to be handed out again
     cancelled: str = ""  # why, once it is cancelled
     cancel_code: int = exits.CANCELLED
     last_progress: float = 0.0
@@ -169,6 +175,13 @@ class Autopilot(VestaActor):
         self.stress = StressState(0)
         self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
         self._task_ids = itertools.count(1)
+
+    @staticmethod
+    def avoided(job: _Job) -> set[str]:
+        """The nodes not to ask for this job now: those excluded for good, and those resting
+        after a refusal."""
+        now = time.monotonic()
+        return job.excluded | {key for key, until in job.resting.items() if until > now}
 
     @property
     def busy(self) -> int:
@@ -434,7 +447,7 @@ class Autopilot(VestaActor):
             if job.chunked and job.parts:
                 self.feed(job)  # the rest goes out in chunks as its nodes finish theirs
                 return True
-            node, decisions = self.plan(job.job, job.excluded)
+            node, decisions = self.plan(job.job, self.avoided(job))
             if node is not None and node.free <= 0:
                 return False  # it waits; the placement is recorded once it is made
             self.remember(job, decisions)
@@ -462,7 +475,7 @@ class Autopilot(VestaActor):
         return bool(job.parts)
 
     def split_nodes(self, job: _Job) -> list[Candidate]:
-        return split_nodes(want_of(job.job), self.here(), self.candidates(job.excluded),
+        return split_nodes(want_of(job.job), self.here(), self.candidates(self.avoided(job)),
                            self.config.spill_cpu_pct, here_committed=HERE in job.rates)
 
     def feed(self, job: _Job) -> None:
@@ -486,7 +499,25 @@ class Autopilot(VestaActor):
             self.start_part(job, node, span)
             job.chunks[node.name] += 1
             holding[node.key] = job.parts[next(reversed(job.parts))]
+        if job.lost_waiting:
+            self.take_back(job, nodes)
         self.insure(job, self.split_nodes(job), guess)
+
+    def take_back(self, job: _Job, nodes: list[Candidate]) -> None:
+        """Units a lost node held, still waiting while every node of the split holds a chunk,
+        start at once here, beside this node's chunk, if this node is in the split: they would
+        otherwise wait up to a chunk's time for a node to finish."""
+        job.lost_waiting = False
+        part_here = any(part.key == HERE for part in job.parts.values())
+        if not job.book.missing_units() or not (part_here or any(n.local for n in nodes)):
+            return
+        rate = job.rates.get(HERE)
+        size = (min(job.book.missing_units(), max(1, math.floor(rate * CHUNK_SECONDS)))
+                if rate else job.book.missing_units())
+        span = job.book.next_range(size)
+        if span is not None:
+            self.start_part(job, self.here(), span)
+            job.chunks[self.config.name] += 1
 
     @staticmethod
     def in_hand(job: _Job, part: _Part | None) -> int:
@@ -507,7 +538,7 @@ class Autopilot(VestaActor):
         else:
             start, end = span
             job.book.lease(task_id, node.key, start, end)
-        workers = min(node.free, end - start) if _is_cpu(job) else 1
+        workers = max(1, min(node.free, end - start)) if _is_cpu(job) else 1
         job.parts[task_id] = _Part(task_id, node.key, node.name, workers, time.monotonic(),
                                    insures=insures)
         if job.started is None:
@@ -656,7 +687,7 @@ class Autopilot(VestaActor):
                 if part.paused_since is None or (
                         now - part.paused_since < self.config.pause_replace_s):
                     continue
-                elsewhere, _ = self.plan(job.job, job.excluded | {part.key})
+                elsewhere, _ = self.plan(job.job, self.avoided(job) | {part.key})
                 if elsewhere is None or elsewhere.free <= 0 or elsewhere.key == part.key:
                     continue
                 job.excluded.add(part.key)
@@ -676,17 +707,25 @@ class Autopilot(VestaActor):
         lease = job.book.release(task_id)
         job.retried += job.book.unfinished(lease) if lease is not None else 0
         self.dropped[task_id] = (part.key, part.name)  # its lender's charge is still booked
+        job.lost_waiting = True
         if job.book.missing_units() and job.job_id not in self.queue:
             self.queue.appendleft(job.job_id)
 
     def lost_part(self, job: _Job, part: _Part, done: TaskDone, unfinished: int) -> None:
-        """A node refused the part or went away: not the job's fault, and not asked again."""
-        job.excluded.add(part.key)
+        """A node refused the part or went away: not the job's fault. A node that went away is
+        not asked again for the job; one that refused a chunk of a split job rests for
+        :data:`REFUSAL_REST_S` (its owner may be busy for a moment), else it is not asked again."""
         logger.info("job %s: %s", job.job_id, done.error)
         if done.refused:
+            if job.chunked:
+                job.resting[part.key] = time.monotonic() + REFUSAL_REST_S
+            else:
+                job.excluded.add(part.key)
             self.counters.add("refused_by_peers")
             self.event("refusal", part.name, done.error)
             return
+        job.excluded.add(part.key)
+        job.lost_waiting = True
         self.event("failover", part.name, f"job {job.job_id}: {done.error}")
         if isinstance(job.job, ExecJob) and not job.job.retry:
             job.failure = (exits.NOT_RUN, f"{done.error}; the command did not finish there "
