@@ -1,9 +1,12 @@
 """What every measurement of the bench shares: result rows, the watch on other programs' load,
-and the daemons it starts (each bound to 127.0.0.1 on ports of its own)."""
+the plain hashlib loop that vesta's cpu jobs are compared with, and the daemons it starts (each
+bound to 127.0.0.1 on ports of its own)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import multiprocessing
 import os
 import resource
 import secrets
@@ -15,12 +18,14 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from vesta.client import Client, VestaError
+from vesta.workers.supervisor import own_cgroup_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,6 +38,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: starts broadcasts on the machine's real interfaces (vestad broadcasts only on the interface
 #: that holds -bind, and loopback has none).
 LOOPBACK = "127.0.0.1"
+#: The units of ``vesta cpu N`` (SPEC): 10 per million iterations, each 100,000 chained SHA-256.
+UNITS_PER_MILLION = 10
+UNIT_ITERATIONS = 100_000
 
 
 class BenchError(RuntimeError):
@@ -202,6 +210,84 @@ class Load:
         return statistics.median(self.foreign_cores[mark:]) if self.foreign_cores[mark:] else 0.0
 
 
+# -- the plain loop ------------------------------------------------------------------------------
+
+
+def plain_units(seed: int, start: int, end: int) -> dict[int, bytes]:
+    """Units [start, end) of a cpu job, written out here rather than taken from vesta's code."""
+    sha = hashlib.sha256
+    results = {}
+    for index in range(start, end):
+        h = sha(b"vesta:%d:%d" % (seed, index)).digest()
+        for _ in range(UNIT_ITERATIONS):
+            h = sha(h).digest()
+        results[index] = h
+    return results
+
+
+def _plain_child(conn: Connection, cpus: set[int], seed: int, start: int, end: int) -> None:
+    os.sched_setaffinity(0, cpus)
+    conn.send(plain_units(seed, start, end))
+    conn.close()
+
+
+def split(total: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(total, parts)
+    ranges, at = [], 0
+    for i in range(parts):
+        size = base + (i < extra)
+        ranges.append((at, at + size))
+        at += size
+    return ranges
+
+
+def plain_cpu(n: int, cpus: set[int], processes: int, seed: int = 0) -> dict[str, Any]:
+    """The units of ``cpu n`` split over ``processes`` forked children; seconds and digest."""
+    ctx = multiprocessing.get_context("fork")  # this process has one thread
+    total = n * UNITS_PER_MILLION
+    cpu0 = own_cpu_seconds()
+    t0 = time.perf_counter()
+    children = []
+    for start, end in split(total, processes):
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_plain_child, args=(writer, cpus, seed, start, end))
+        p.start()
+        writer.close()
+        children.append((p, reader))
+    results: dict[int, bytes] = {}
+    try:
+        for p, reader in children:
+            results.update(reader.recv())
+            reader.close()
+            p.join()
+            if p.exitcode != 0:
+                raise BenchError(f"a plain hashlib process exited with {p.exitcode}")
+    finally:
+        for p, _ in children:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    seconds = time.perf_counter() - t0
+    digest = hashlib.sha256(b"".join(results[i] for i in range(total))).hexdigest()
+    return {"seconds": seconds, "digest": digest, "cpu": own_cpu_seconds() - cpu0}
+
+
+def calibrate(job_seconds: float) -> tuple[int, float]:
+    """The N of ``cpu N`` that takes about ``job_seconds`` on one core, and one unit's seconds.
+
+    A unit's time is the fastest of those run in about a second: this machine's speed drifts by up
+    to 2x, and the fastest unit gives the shortest job; in a slow phase the job just takes longer.
+    """
+    times: list[float] = []
+    deadline = time.perf_counter() + 1.0
+    while time.perf_counter() < deadline or len(times) < 3:
+        t0 = time.perf_counter()
+        plain_units(0, len(times), len(times) + 1)
+        times.append(time.perf_counter() - t0)
+    unit = min(times)
+    return max(1, round(job_seconds / (unit * UNITS_PER_MILLION))), unit
+
+
 # -- daemons -------------------------------------------------------------------------------------
 
 
@@ -234,31 +320,42 @@ class Ports:
 
 class Daemon:
     """A vestad started for the bench, with its own name, state directory, control socket and
-    ports, bound to 127.0.0.1; ``seeds`` are the peers it finds (their discovery ports)."""
+    ports, bound to 127.0.0.1; ``seeds`` are the peers it finds (their discovery ports).
+
+    With ``cgroup`` (a cgroup's directory), the daemon starts in that cgroup, so that its job
+    processes, which it starts below itself, are held to the cgroup's limits too.
+    """
 
     def __init__(self, workdir: Path, label: str, cpus: set[int] | None = None,
                  ports: Ports | None = None, seeds: Sequence[Ports] = (),
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), cgroup: Path | None = None) -> None:
         self.name = f"{label}-{secrets.token_hex(3)}"
         self.socket = f"/tmp/vestad-bench-{self.name}.sock"
         self.log = workdir / f"{self.name}.log"
         self.cpus = cpus
+        self.cgroup = cgroup
         self.ports = ports or Ports.reserve()
         self.stop_seconds: float | None = None
+        self.signalled: int | None = None
+        self.orphans: list[psutil.Process] = []
+        self.cgroup2: str | None = None
         args = [str(VESTAD), "-name", self.name, "-state-dir", str(workdir / self.name),
                 "-socket", self.socket, "-key", KEY, "-bind", LOOPBACK,
                 "-port", str(self.ports.port), "-dport", str(self.ports.dport), *extra]
         if seeds:
             args += ["-seed", ",".join(p.seed for p in seeds)]
 
-        def pin() -> None:
+        def place() -> None:
             if cpus is not None:
                 os.sched_setaffinity(0, cpus)
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=clean_env(), preexec_fn=pin if cpus is not None else None,
+                env=clean_env(),
+                preexec_fn=place if cpus is not None or cgroup is not None else None,
             )
         self.pid = self.proc.pid
 
@@ -315,16 +412,32 @@ class Daemon:
         except psutil.NoSuchProcess:
             return []
 
+    def send_signal(self, signum: int) -> float:
+        """Send the daemon ``signum`` now, as its machine's owner or a crash would (SIGKILL, or
+        SIGTERM); returns the ``perf_counter`` time it was sent. Its processes are left to end
+        by themselves: :meth:`stop` then waits for them and reports any left behind."""
+        self.orphans = self.tree()[1:]
+        self.signalled = signum
+        with contextlib.suppress(OSError):
+            self.cgroup2 = own_cgroup_dir(Path(f"/proc/{self.pid}/cgroup").read_text(),
+                                          Path("/proc/self/mountinfo").read_text())
+        sent = time.perf_counter()
+        self.proc.send_signal(signum)
+        return sent
+
     def stop(self, timeout: float = 30.0) -> list[str]:
-        """SIGTERM, wait, and make sure no process of the daemon is left; returns any trouble."""
+        """SIGTERM (unless :meth:`send_signal` sent one already), wait, and make sure no process
+        of the daemon is left; returns any trouble."""
         trouble = []
-        children = self.tree()[1:]
+        children = list({p.pid: p for p in [*self.orphans, *self.tree()[1:]]}.values())
         if self.alive():
             t0 = time.perf_counter()
-            self.proc.send_signal(signal.SIGTERM)
+            if self.signalled is None:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-                self.stop_seconds = time.perf_counter() - t0
+                if self.signalled is None:
+                    self.stop_seconds = time.perf_counter() - t0
             except subprocess.TimeoutExpired:
                 trouble.append(f"vestad {self.name} ignored SIGTERM for {timeout:g} s; killed")
                 self.proc.kill()
@@ -336,9 +449,36 @@ class Daemon:
             trouble.append(f"vestad {self.name} left process {p.pid} behind; killed")
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+        if self.signalled == signal.SIGKILL and self.cgroup2 is not None:
+            # a vestad that gets SIGKILL cannot remove its job processes' cgroups
+            for left in Path(self.cgroup2).glob(f"vestad-{self.name}.*"):
+                problem = remove_cgroup(left)
+                if problem:
+                    trouble.append(problem)
         with contextlib.suppress(OSError):
             Path(self.socket).unlink()
         return trouble
+
+
+def remove_cgroup(path: Path, timeout: float = 10.0) -> str | None:
+    """Remove a cgroup and those below it, deepest first, once their processes are gone (within
+    ``timeout`` seconds); the trouble if it cannot be."""
+    if not path.exists():
+        return None
+    below = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    deadline = time.monotonic() + timeout
+    for each in [*below, path]:
+        while True:
+            try:
+                each.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    return f"the cgroup {each} could not be removed: {exc}"
+                time.sleep(0.1)
+    return None
 
 
 def linked(d: Daemon, other: Daemon) -> bool:
@@ -357,8 +497,9 @@ class Daemons:
         self.stop_seconds: list[float] = []
 
     def start(self, label: str, cpus: set[int] | None = None, ports: Ports | None = None,
-              seeds: Sequence[Ports] = (), extra: Sequence[str] = ()) -> Daemon:
-        d = Daemon(self.workdir, label, cpus, ports, seeds, extra)
+              seeds: Sequence[Ports] = (), extra: Sequence[str] = (),
+              cgroup: Path | None = None) -> Daemon:
+        d = Daemon(self.workdir, label, cpus, ports, seeds, extra, cgroup)
         self.running.append(d)
         return d
 

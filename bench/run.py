@@ -21,6 +21,10 @@ The measurements, by the name ``--only`` takes:
 - ``remote`` (bench/federation.py): ``exec -- true`` placed on a peer against the same job kept
   local, daemon to daemon, median and p99.
 - ``many``: 1,000 ``exec -- true`` submitted at once, jobs per second, against GNU parallel.
+- ``pool`` (bench/pool.py): a cpu job split over two daemons of one core each, against one
+  daemon and beside the same-run ceiling of a plain ``multiprocessing`` split; over a pool
+  whose second node a cgroup holds to half a core, against the sum of the nodes' rates; and,
+  when one node gets SIGKILL or SIGTERM mid-job, how soon its units go to the other.
 - ``discovery``: in the lab (root, ``ip netns``), the second daemon's start until both list each
   other.
 
@@ -32,10 +36,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import platform
 import signal
@@ -44,7 +46,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from harness import (
     BIN,
     MIB,
     ROOT,
+    UNITS_PER_MILLION,
     VESTA,
     VESTAD,
     BenchError,
@@ -69,11 +71,12 @@ from harness import (
     Daemons,
     Load,
     Row,
+    calibrate,
     clean_env,
     cpu_pct,
-    own_cpu_seconds,
     paired,
     percentile,
+    plain_cpu,
     print_table,
     ratios,
     role,
@@ -81,6 +84,7 @@ from harness import (
     snapshot,
     tree_cpu,
 )
+from pool import bench_pool
 from transport import bench_transport
 
 from vesta import __version__
@@ -92,10 +96,6 @@ TARGET_STATUS_MS = 80.0
 TARGET_STATUS_LINKED_BEYOND_PYTHON_MS = 35.0
 TARGET_IDLE_PSS_MIB = 45.0
 TARGET_IDLE_CPU_PCT = 0.5
-
-#: The units of ``vesta cpu N`` (SPEC): 10 per million iterations, each 100,000 chained SHA-256.
-UNITS_PER_MILLION = 10
-UNIT_ITERATIONS = 100_000
 
 #: The idle window is sampled at the end of each of this many equal slices.
 IDLE_SLICES = 5
@@ -110,69 +110,10 @@ QUIET_CORES = 0.25
 CPU_JOB_SECONDS = 4.0
 QUICK_CPU_JOB_SECONDS = 1.5
 
-MEASUREMENTS = ("cpu", "status", "idle", "transport", "remote", "many", "discovery")
+MEASUREMENTS = ("cpu", "status", "idle", "transport", "remote", "many", "pool", "discovery")
 
 
-# -- the plain loop ------------------------------------------------------------------------------
-
-
-def plain_units(seed: int, start: int, end: int) -> dict[int, bytes]:
-    """Units [start, end) of a cpu job, written out here rather than taken from vesta's code."""
-    sha = hashlib.sha256
-    results = {}
-    for index in range(start, end):
-        h = sha(b"vesta:%d:%d" % (seed, index)).digest()
-        for _ in range(UNIT_ITERATIONS):
-            h = sha(h).digest()
-        results[index] = h
-    return results
-
-
-def _plain_child(conn: Connection, cpus: set[int], seed: int, start: int, end: int) -> None:
-    os.sched_setaffinity(0, cpus)
-    conn.send(plain_units(seed, start, end))
-    conn.close()
-
-
-def split(total: int, parts: int) -> list[tuple[int, int]]:
-    base, extra = divmod(total, parts)
-    ranges, at = [], 0
-    for i in range(parts):
-        size = base + (i < extra)
-        ranges.append((at, at + size))
-        at += size
-    return ranges
-
-
-def plain_cpu(n: int, cpus: set[int], processes: int, seed: int = 0) -> dict[str, Any]:
-    """The units of ``cpu n`` split over ``processes`` forked children; seconds and digest."""
-    ctx = multiprocessing.get_context("fork")  # this process has one thread
-    total = n * UNITS_PER_MILLION
-    cpu0 = own_cpu_seconds()
-    t0 = time.perf_counter()
-    children = []
-    for start, end in split(total, processes):
-        reader, writer = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_plain_child, args=(writer, cpus, seed, start, end))
-        p.start()
-        writer.close()
-        children.append((p, reader))
-    results: dict[int, bytes] = {}
-    try:
-        for p, reader in children:
-            results.update(reader.recv())
-            reader.close()
-            p.join()
-            if p.exitcode != 0:
-                raise BenchError(f"a plain hashlib process exited with {p.exitcode}")
-    finally:
-        for p, _ in children:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    seconds = time.perf_counter() - t0
-    digest = hashlib.sha256(b"".join(results[i] for i in range(total))).hexdigest()
-    return {"seconds": seconds, "digest": digest, "cpu": own_cpu_seconds() - cpu0}
+# -- the measurements ----------------------------------------------------------------------------
 
 
 def vestad_cpu(d: Daemon, n: int) -> dict[str, Any]:
@@ -187,25 +128,6 @@ def vestad_cpu(d: Daemon, n: int) -> dict[str, Any]:
         raise BenchError(f"cpu {n} on {d.name} was not run there entirely: {doc['placements']}")
     return {"seconds": doc["seconds"], "wall": wall, "digest": doc["digest"],
             "daemon_cpu": own1 - own0, "job_cpu": jobs1 - jobs0}
-
-
-def calibrate(job_seconds: float) -> tuple[int, float]:
-    """The N of ``cpu N`` that takes about ``job_seconds`` on one core, and one unit's seconds.
-
-    A unit's time is the fastest of those run in about a second: this machine's speed drifts by up
-    to 2x, and the fastest unit gives the shortest job; in a slow phase the job just takes longer.
-    """
-    times: list[float] = []
-    deadline = time.perf_counter() + 1.0
-    while time.perf_counter() < deadline or len(times) < 3:
-        t0 = time.perf_counter()
-        plain_units(0, len(times), len(times) + 1)
-        times.append(time.perf_counter() - t0)
-    unit = min(times)
-    return max(1, round(job_seconds / (unit * UNITS_PER_MILLION))), unit
-
-
-# -- the measurements ----------------------------------------------------------------------------
 
 
 def bench_cpu(daemons: Daemons, load: Load, n: int, rounds: int, details: dict[str, Any],
@@ -544,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
                        lambda: bench_remote(daemons, load, remote_jobs, details)),
             "many": (f"{many_jobs} small jobs at once against GNU parallel",
                      lambda: bench_many(daemons, load, many_jobs, args.rounds, details)),
+            "pool": ("a cpu job split over a pool: two nodes, an uneven pair, a node lost",
+                     lambda: bench_pool(daemons, load, args.rounds, args.quick, details)),
             "discovery": ("discovery in the network-namespace lab",
                           lambda: bench_discovery(load, args.rounds, details)),
         }
@@ -579,6 +503,14 @@ def main(argv: list[str] | None = None) -> int:
     if "cpu_digest" in details:
         print(f"cpu {n} digest {details['cpu_digest'][:16]}... equal in all "
               f"{4 * args.rounds} runs (vestad and plain)")
+    pool = details.get("pool", {})
+    if "failover" in pool:
+        split, small = pool["split"], pool["uneven"]
+        print(f"pool: cpu {split['n']} digest {split['digest'][:16]}... equal in all "
+              f"{sum(map(len, split['runs'].values()))} runs (one node, split, plain); cpu "
+              f"{small['n']} digest {small['digest'][:16]}... in all "
+              f"{sum(map(len, [*small['runs'].values(), *pool['failover']['runs'].values()]))} "
+              "(one node, split, uneven, a node stopped mid-job)")
     foreign = details["foreign_cores"]
     print("other programs on the machine used a median of " + ", ".join(
         f"{cores:.2f} cores during {name}" for name, cores in foreign.items())
