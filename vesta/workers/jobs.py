@@ -617,8 +617,12 @@ def _relay(conn: Connection, proc: subprocess.Popen[bytes], pidfd: int | None,
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline and not timed_out:
-            timed_out = True
-            exits.kill_group(proc.pid)
+            credit, paused_s = _credits(conn)  # a pause for the owner moves the deadline
+            unacked -= credit
+            deadline += paused_s
+            if now >= deadline:
+                timed_out = True
+                exits.kill_group(proc.pid)
         if exited_at is None and proc.poll() is not None:
             exited_at = now
         quiet = unacked < window and now - max(exited_at or 0.0, last_data) > 1.0

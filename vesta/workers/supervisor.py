@@ -407,8 +407,9 @@ class Supervisor(threading.Thread):
             live: dict[int, float] = {}
             for worker in list(self._workers):
                 if worker.lend and worker.process.pid is not None:
-                    pid = worker.process.pid
-                    live[pid] = _cpu_of(worker) or self._lent_seen.get(pid, 0.0)
+                    pid = worker.process.pid  # never less than before: a process read from /proc
+                    # until it is in its cgroup, then from the cgroup, which counts from there
+                    live[pid] = max(_cpu_of(worker), self._lent_seen.get(pid, 0.0))
             self._lent_gone += sum(v for pid, v in self._lent_seen.items() if pid not in live)
             self._lent_seen = live
             return self._lent_gone + sum(live.values())
@@ -656,13 +657,17 @@ class Supervisor(threading.Thread):
         if piece.paused_at is None:
             return
         worker = piece.worker
+        if piece.kind == "exec":  # its deadline counts running time only: told before it runs
+            piece.resumed_s += time.monotonic() - piece.paused_at
+            if _writable(worker.conn):
+                with contextlib.suppress(OSError, ValueError):
+                    worker.conn.send(("resumed", piece.resumed_s))
+                    piece.resumed_s = 0.0
         if worker.cgroup is not None:
             _freeze(worker.cgroup, False)
         for group in piece.stopped:
             exits.kill_group(group, signal.SIGCONT)
         piece.stopped = set()
-        if piece.kind == "exec":  # its deadline counts running time only
-            piece.resumed_s += time.monotonic() - piece.paused_at
         piece.paused_at = None
 
     def _kill(self, piece: _Piece) -> None:
