@@ -149,6 +149,7 @@ class _Job:
     detail: dict[str, Any] = field(default_factory=dict)
     chunked: bool = False  # split across nodes: handed out in chunks as they finish
     rates: dict[str, float] = field(default_factory=dict)  # node key -> units a second
+    measured: dict[str, tuple[int, float]] = field(default_factory=dict)  # -> units, seconds
     chunks: Counter[str] = field(default_factory=Counter)  # node name -> chunks handed to it
 
 
@@ -645,9 +646,13 @@ class Autopilot(VestaActor):
         if job.units[part.name] or done.ok:
             job.seconds[part.name] = job.seconds.get(part.name, 0.0) + done.seconds
         if job.chunked and done.ok and lease is not None and lease.done and done.seconds > 0:
-            measured = lease.done / done.seconds
-            rate = job.rates.get(part.key)
-            job.rates[part.key] = measured if rate is None else (rate + measured) / 2
+            # units over seconds of all its chunks so far: a first chunk of two units that ran
+            # in a burst (a node held to half a core by a quota can run a moment at full speed)
+            # weighs two units' worth, not half
+            units, seconds = job.measured.get(part.key, (0, 0.0))
+            units, seconds = units + lease.done, seconds + done.seconds
+            job.measured[part.key] = (units, seconds)
+            job.rates[part.key] = units / seconds
         job.detail.update(done.detail)
         if part.key != HERE and (done.cpu_s or done.mib_s):  # the lender's measure, booked here
             tell_quietly(self.links.ledger,
