@@ -7,9 +7,11 @@ misbehaves plays it itself, with the project's own handshake and a key pair of i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -18,10 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.conftest import KEY, Daemon, free_port, python_env, wait_for
+from tests.conftest import (
+    KEY,
+    Daemon,
+    free_port,
+    python_env,
+    sigint_as_in_a_shell,
+    wait_for,
+)
 from vesta import PROTOCOL_VERSION
 from vesta.client import Client
 from vesta.identity import Identity
@@ -161,6 +171,53 @@ def test_a_large_job_goes_out_in_chunks_to_both_idle_nodes_with_one_nodes_digest
     # b's CPU for its units: about its share of the job's seconds, on b's one core
     assert 0.3 * placements["b"]["seconds"] <= lent["lent"] <= 1.2 * placements["b"]["seconds"]
     assert next(p for p in peers(a) if p["name"] == "b")["borrowed"] == borrowed["borrowed"]
+
+
+def lent_cpu_seconds(d: Daemon) -> float:
+    """CPU seconds used so far by d's processes that lend (nice 19) and what they started."""
+    total = 0.0
+    for proc in d.descendants():
+        with contextlib.suppress(psutil.Error):
+            if proc.nice() == 19:
+                times = proc.cpu_times()
+                total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def test_ctrl_c_cancels_a_split_job_on_every_node_that_holds_a_part(
+    daemon_factory: Start,
+) -> None:
+    a, b, _ = pair(daemon_factory, extra_a=BUSY_LINE)
+    wait_for(lambda: up(a, "b"), timeout=10, what="the link")
+    for _attempt in range(3):  # a job that found b busy for a moment runs on a alone: again
+        wait_for(lambda: status(a)["node"]["cpu_pct"] < 80 and any(
+            p["offer_workers"] > 0 for p in peers(a)), timeout=20, what="a and b to be idle")
+        proc = subprocess.Popen([sys.executable, "-m", "vesta.apps.cli", "--socket", a.socket,
+                                 "cpu", "200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=python_env(), preexec_fn=sigint_as_in_a_shell)
+        try:
+            wait_for(lambda: lent_cpu_seconds(b) > 0.1 and any(
+                f["to"] == "b" for f in status(a)["flows"]), timeout=10, interval=0.05,
+                what="a chunk of the job to run on b")
+            break
+        except pytest.fail.Exception:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=20)
+    else:
+        pytest.fail("the job never ran on b in 3 submissions")
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+
+    assert proc.returncode == 130, err
+    wait_for(lambda: not status(a)["jobs"], timeout=5, what="a to forget the job")
+    samples: list[float] = []
+
+    def b_idle() -> bool:  # b's lent processes use no more CPU: cancelled there too
+        samples.append(lent_cpu_seconds(b))
+        return len(samples) >= 3 and samples[-1] - samples[-3] < 0.02
+
+    wait_for(b_idle, timeout=5, interval=0.1, what="b to stop the chunk it ran for a")
 
 
 def _count_cpus(listing: str) -> int:

@@ -713,7 +713,7 @@ class Autopilot(VestaActor):
         job.retried += job.book.unfinished(lease) if lease is not None else 0
         self.dropped[task_id] = (part.key, part.name)  # its lender's charge is still booked
         job.lost_waiting = True
-        if job.book.missing_units() and job.job_id not in self.queue:
+        if job.book.missing_units() and job.job_id not in self.queue and not job.cancelled:
             self.queue.appendleft(job.job_id)
 
     def lost_part(self, job: _Job, part: _Part, done: TaskDone, unfinished: int) -> None:
@@ -818,14 +818,17 @@ class Autopilot(VestaActor):
     def cancel(
         self, job: _Job, reason: str = "cancelled", exit_code: int = exits.CANCELLED
     ) -> None:
-        """Stop a job everywhere it runs; its client hears ``reason`` and ``exit_code``."""
-        if not job.parts:
-            self.finish(job, error=reason, exit_code=exit_code)
-            return
+        """Stop a job everywhere it runs; its client hears ``reason`` and ``exit_code`` once
+        this node's own part has stopped. Peers are told and not waited for: a lent process
+        that its owner's work starves stops only when it next gets the CPU."""
         job.cancelled = reason
         job.cancel_code = exit_code
-        for task_id, part in job.parts.items():
+        for task_id, part in list(job.parts.items()):
             self.cancel_part(task_id, part)
+            if part.key != HERE:
+                self.drop_part(job, task_id)
+        if not job.parts:
+            self.finish(job, error=reason, exit_code=exit_code)
 
     def cancel_part(self, task_id: str, part: _Part) -> None:
         self.to_node(part, CancelTask(task_id))

@@ -424,10 +424,10 @@ class JobView:
     def draw(self, share: float, text: str) -> None:
         width = 24
         filled = int(width * share)
+        self._line = True  # first: Ctrl-C, SIGTERM or SIGHUP may interrupt the write itself
         self.err.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {int(100 * share):3d}%  "
                        f"{text}\x1b[K")
         self.err.flush()
-        self._line = True
 
     def clear(self) -> None:
         if self._line:
