@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -19,8 +19,9 @@ from vesta.workers.supervisor import JobSpace, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
-#: Seconds a paused piece is watched for CPU it should not get.
-STILL_S = 0.4
+#: Readings, POLL_S apart, over which a paused piece is watched for CPU it should not get.
+STILL_READINGS = 8
+POLL_S = 0.05
 
 
 @pytest.fixture(params=["cgroup", "signals"])
@@ -57,10 +58,21 @@ def burning(sup: Supervisor, reports: Reports, worker: str) -> int:
     return int(reports.lines(worker, 1)[0])
 
 
-def still(pid: int) -> bool:
-    before = tree_cpu(pid)
-    time.sleep(STILL_S)  # a window to see that no CPU is used
-    return tree_cpu(pid) - before < 0.01
+def stops_growing(read: Callable[[], float]) -> Callable[[], bool]:
+    """A condition for wait_for: a CPU figure that ``read`` gives has not grown over its last
+    STILL_READINGS readings."""
+    readings: list[float] = []
+
+    def check() -> bool:
+        readings.append(read())
+        return len(readings) > STILL_READINGS and (
+            readings[-1] - readings[-1 - STILL_READINGS] < 0.01)
+
+    return check
+
+
+def still(pid: int) -> Callable[[], bool]:
+    return stops_growing(lambda: tree_cpu(pid))
 
 
 def test_a_paused_piece_uses_no_cpu_until_it_is_resumed(
@@ -71,7 +83,7 @@ def test_a_paused_piece_uses_no_cpu_until_it_is_resumed(
     wait_for(lambda: sup.lent_cpu_seconds() > 0.05, what="the lent command to use CPU")
 
     sup.pause("w1")
-    wait_for(lambda: still(pid), timeout=5, what="the paused command to stop using CPU")
+    wait_for(still(pid), timeout=5, interval=POLL_S, what="the paused command to stop using CPU")
     meter = sup.lent_cpu_seconds()
     assert sup.lending(), "a paused piece still counts as lent work"
 
@@ -88,7 +100,7 @@ def test_a_paused_piece_can_be_cancelled_and_cleans_up(
     pid = burning(sup, reports, "w1")
     tree = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
     sup.pause("w1")
-    wait_for(lambda: still(pid), timeout=5, what="the piece to pause")
+    wait_for(still(pid), timeout=5, interval=POLL_S, what="the piece to pause")
 
     sup.kill("w1")  # it gets SIGCONT before SIGTERM, so that its clean-up runs
 
@@ -148,6 +160,7 @@ def test_a_paused_cpu_piece_can_be_cancelled(supervised: tuple[Supervisor, Repor
     sup.start_worker("w1", "cpu", {"seed": 0, "start": 0, "end": 10_000}, True)
     wait_for(lambda: sup.lent_cpu_seconds() > 0.05, what="the cpu piece to run")
     sup.pause("w1")
-    time.sleep(0.2)  # paused for a while before the cancel: the subject of the test
+    wait_for(stops_growing(sup.lent_cpu_seconds), timeout=5, interval=POLL_S,
+             what="the cpu piece to stop where it is")
     sup.kill("w1")
     assert reports.exit_of("w1").exit_code != 0
