@@ -307,13 +307,12 @@ def test_kill9_of_the_daemons_process_group_leaves_nothing(
              what="every process of the daemon to end")
 
 
-@needs_cgroup
-def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
-        daemon: Daemon, cleanup: Callable[..., None]) -> None:
-    """When the daemon and the exec worker are killed together (the OOM killer, a SIGKILL to
-    each), nobody is left to kill the command and what it started, which stand in the job process's
-    cgroup (a command started in a cgroup has no death signal of its own): the node's next
-    start kills them."""
+def leave_a_command_behind(daemon: Daemon,
+                           cleanup: Callable[..., None]) -> dict[int, psutil.Process]:
+    """Kill the daemon and the exec worker together (the OOM killer, a SIGKILL to each) while
+    a command that double-forks runs: nobody is left to kill the command and what it started,
+    which stand in the job process's cgroup (a command started in a cgroup has no death signal
+    of its own). Returns the daemon's tree as it was."""
     cleanup(daemon.name, daemon.proc)
     cli = start_cli(daemon, "exec", "--", *DOUBLE_FORK)
     cleanup(cli)
@@ -329,10 +328,34 @@ def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
     wait_for(lambda: {p.pid for p in tree.values() if alive(p)} <= command, timeout=GONE_WITHIN,
              what="everything but the command's own processes to end")
     assert len([p for p in tree.values() if alive(p) and p.name() == "sleep"]) == 2
+    return tree
 
+
+@needs_cgroup
+def test_a_restart_kills_what_a_killed_daemon_left_in_its_cgroups(
+        daemon: Daemon, cleanup: Callable[..., None]) -> None:
+    tree = leave_a_command_behind(daemon, cleanup)
     again = restart(daemon, python_env())
     cleanup(again.proc)
     wait_for(lambda: not [p for p in tree.values() if alive(p)], timeout=GONE_WITHIN,
              what="the next start to kill the leftovers")
     assert "removed 1 job process cgroups left by a vestad of this node" in again.log_text()
     assert again.stop() == 0
+
+
+@needs_cgroup
+def test_another_node_starting_removes_what_a_killed_one_left(
+        daemon_factory: Callable[..., Daemon], cleanup: Callable[..., None]) -> None:
+    """A node that never starts again (one of several on a machine, removed) leaves nothing for
+    good: the next daemon of any node of the user kills what stands in its cgroups, and removes
+    them and its directory. A live node's space is left alone."""
+    gone, live = daemon_factory(), daemon_factory()
+    tree = leave_a_command_behind(gone, cleanup)
+    other = daemon_factory()
+    wait_for(lambda: not [p for p in tree.values() if alive(p)], timeout=GONE_WITHIN,
+             what="another node's start to kill the leftovers")
+    assert f"left by a killed vestad ({space_of(gone.name).name})" in other.log_text()
+    assert not space_of(gone.name).exists()
+    cgroup = cgroup_of(gone.name)
+    assert cgroup is not None and not cgroup.exists()
+    assert space_of(live.name).is_dir() and live.cli("cpu", "1").returncode == 0

@@ -192,6 +192,7 @@ def open_job_space(name: str, root: str = SPACE_ROOT) -> JobSpace:
         space.cgroup = delegated_cgroup(os.path.basename(space.tmpdir))
         if space.cgroup is not None:
             _remove_cgroups(space.cgroup, "left by a vestad of this node that was killed")
+        _sweep_abandoned(space, root)
     logger.info("job processes: files in %s; %s", space.tmpdir or root,
                 f"a cgroup each, under {space.cgroup}" if space.cgroup
                 else "no cgroups (no delegated cgroup v2 here)")
@@ -234,6 +235,41 @@ def _claim_tmpdir(space: JobSpace, path: str, root: str) -> None:
         logger.info("removed %d files left in %s by a vestad of this node that was killed",
                     len(left), path)
     space.tmpdir, space.lock = path, lock
+
+
+def _sweep_abandoned(space: JobSpace, root: str) -> None:
+    """Remove the job spaces of this user's other nodes whose daemon was killed and has not
+    started again (several nodes on one machine, one of them gone for good): each one's
+    directory in ``root`` and, beside this daemon's, its cgroups and what runs in them. A space
+    is abandoned when nobody holds its lock; it is locked here while it goes, so a daemon of that
+    node starting meanwhile takes a directory of its own."""
+    assert space.tmpdir is not None
+    mine = os.path.basename(space.tmpdir)
+    cgroups = None if space.cgroup is None else os.path.dirname(space.cgroup)
+    try:
+        entries = [e for e in os.scandir(root) if e.name.startswith("vestad-") and e.name != mine]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+                continue
+            lock = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live daemon's
+            os.close(lock)
+            continue
+        try:
+            if cgroups is not None:
+                _remove_cgroups(os.path.join(cgroups, entry.name),
+                                f"left by a killed vestad ({entry.name})")
+            shutil.rmtree(entry.path, ignore_errors=True)
+            logger.info("removed %s, left by a vestad that was killed", entry.path)
+        finally:
+            os.close(lock)
 
 
 def _remove_cgroups(parent: str, why: str = "") -> None:
