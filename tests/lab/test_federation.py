@@ -29,6 +29,7 @@ from tests.lab.conftest import LabDaemon, start_vestad
 from tests.lab.netlab import Lab
 from vesta.client import Client
 from vesta.messages import CpuJob, JobDone
+from vesta.workers import supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -604,30 +605,6 @@ def lent_processes(pi4: LabDaemon) -> list[psutil.Process]:
     return lent
 
 
-def stopped(proc: psutil.Process) -> bool:
-    """Stopped for good, or about to be at its next instant on the CPU: frozen or stopped, or its
-    cgroup told to freeze, or a SIGSTOP pending. A process at SCHED_IDLE that the owner's loop
-    starves gets that instant only every second or two; it gets no CPU in between."""
-    try:
-        if proc.status() in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
-            return True
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        path = next(line[3:] for line in Path(f"/proc/{proc.pid}/cgroup").read_text()
-                    .splitlines() if line.startswith("0::"))
-    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
-        return True
-    pending = 0
-    for line in status.splitlines():
-        if line.startswith(("SigPnd:", "ShdPnd:")):
-            pending |= int(line.split()[1], 16)
-    if pending & (1 << (signal.SIGSTOP - 1)):
-        return True
-    mount = next((m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines()
-                  if m.split()[2] == "cgroup2"), None)
-    freeze = Path(mount or "/nonexistent", path.lstrip("/"), "cgroup.freeze")
-    return freeze.exists() and freeze.read_text().strip() == "1"
-
-
 def test_an_owners_busy_loop_pauses_lent_work_within_a_second_and_the_job_ends_elsewhere(
     expected_digest: str, lab: Lab, pin_here: Callable[[int], None],
 ) -> None:
@@ -643,8 +620,9 @@ def test_an_owners_busy_loop_pauses_lent_work_within_a_second_and_the_job_ends_e
         lent = wait_for(lambda: lent_processes(pi4), what="pi4's lent job process")
         owner = pi4_host.run([sys.executable, "-c", "while True: pass"])  # on pi4's CPU
         began = time.monotonic()
-        wait_for(lambda: all(stopped(p) for p in lent), timeout=PAUSE_WITHIN_S + SLACK_S,
-                 interval=0.01, what="every lent process on pi4 to stop for its owner")
+        wait_for(lambda: all(supervisor.held(p.pid) for p in lent),
+                 timeout=PAUSE_WITHIN_S + SLACK_S, interval=0.01,
+                 what="every lent process on pi4 to stop for its owner")
         paused = time.monotonic() - began
         print(f"\nowner's loop on pi4: lent work stopped after {paused:.2f} s")
         assert paused <= PAUSE_WITHIN_S + SLACK_S

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.workers.conftest import Reports, exec_params, job_processes
-from vesta.workers.supervisor import JobSpace, Supervisor
+from vesta.workers.supervisor import JobSpace, Supervisor, held
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,12 +82,16 @@ def test_a_paused_piece_uses_no_cpu_until_it_is_resumed(
     pid = burning(sup, reports, "w1")
     wait_for(lambda: sup.lent_cpu_seconds() > 0.05, what="the lent command to use CPU")
 
+    tree = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    assert not any(held(p) for p in tree)
     sup.pause("w1")
     wait_for(still(pid), timeout=5, interval=POLL_S, what="the paused command to stop using CPU")
+    assert all(held(p) for p in tree)
     meter = sup.lent_cpu_seconds()
     assert sup.lending(), "a paused piece still counts as lent work"
 
     sup.resume("w1")
+    wait_for(lambda: not any(held(p) for p in tree), what="the command to be let run")
     wait_for(lambda: sup.lent_cpu_seconds() > meter + 0.1, what="the command to run again")
     sup.kill("w1")
     assert reports.exit_of("w1").exit_code != 0
@@ -159,7 +163,9 @@ def test_a_paused_cpu_piece_can_be_cancelled(supervised: tuple[Supervisor, Repor
     sup, reports = supervised
     sup.start_worker("w1", "cpu", {"seed": 0, "start": 0, "end": 10_000}, True)
     wait_for(lambda: sup.lent_cpu_seconds() > 0.05, what="the cpu piece to run")
+    (piece,) = job_processes()
     sup.pause("w1")
+    wait_for(lambda: held(piece), what="the piece to be paused")
     time.sleep(0.2)  # paused for a while before the cancel: the subject of the test
     sup.kill("w1")
     assert reports.exit_of("w1").exit_code != 0

@@ -681,10 +681,14 @@ class Supervisor(threading.Thread):
             return
         piece.paused_at = time.monotonic()
         worker = piece.worker
-        if worker.cgroup is not None and _populated(worker.cgroup) and _freeze(worker.cgroup, True):
+        if worker.cgroup is not None and _freeze(worker.cgroup, True) and _populated(
+                worker.cgroup):
             return
+        # no cgroup, or not in it yet: a process that is still starting leads no group yet
+        # either (the freeze above holds it once it moves in)
         piece.stopped = _groups_below(worker.process.pid) | (
             {piece.pgid} if piece.pgid is not None else set())
+        _signal(worker.process.pid, signal.SIGSTOP)
         for group in piece.stopped:
             exits.kill_group(group, signal.SIGSTOP)
 
@@ -701,6 +705,8 @@ class Supervisor(threading.Thread):
                     piece.resumed_s = 0.0
         if worker.cgroup is not None:
             _freeze(worker.cgroup, False)
+        if piece.stopped:
+            _signal(worker.process.pid, signal.SIGCONT)
         for group in piece.stopped:
             exits.kill_group(group, signal.SIGCONT)
         piece.stopped = set()
@@ -779,6 +785,43 @@ def _freeze(cgroup: str, frozen: bool) -> bool:
     except OSError:
         return False
     return True
+
+
+def held(pid: int) -> bool:
+    """Whether a process is stopped, or will be at its next instant on the CPU: stopped or
+    gone, a SIGSTOP pending, or its cgroup told to freeze. A process at SCHED_IDLE that its
+    owner's work starves may get that instant only every second or two, and no CPU between."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/cgroup") as f:
+            cgroups = f.read()
+        with open("/proc/self/mountinfo") as f:
+            mounts = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    if state in ("T", "t", "Z", "X"):
+        return True
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    if pending & (1 << (signal.SIGSTOP - 1)):
+        return True
+    cgroup = own_cgroup_dir(cgroups, mounts)
+    try:
+        with open(os.path.join(cgroup or "/nonexistent", "cgroup.freeze")) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _signal(pid: int | None, signum: int) -> None:
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def _populated(cgroup: str) -> bool:
