@@ -1,7 +1,8 @@
 """A cpu job split over a pool of daemons: how much faster two nodes are than one, beside what a
 plain ``multiprocessing`` split gains on the same cores; how close a pool whose nodes differ in
-speed comes to the sum of their rates; and how soon the units of a node that goes away mid-job
-(SIGKILL, as in a crash, or SIGTERM, as when its owner stops it) are handed to the other.
+speed comes to the sum of their rates; how soon the units of a node that goes away mid-job
+(SIGKILL, as in a crash, or SIGTERM, as when its owner stops it) are handed to the other; and
+how soon a lender stops the work it runs for a peer when its owner starts a program.
 
 Every daemon here is pinned to one core: a, and a lone daemon for one-node runs, to core 0; b to
 core 1, so the two nodes of a split never share a core and a one-node run has a core to itself.
@@ -22,14 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import secrets
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from harness import (
     UNITS_PER_MILLION,
     VESTAD,
@@ -49,6 +54,7 @@ from harness import (
 
 from vesta.client import Client
 from vesta.messages import CpuJob, JobDone, JobProgress, JobStarted, MemJob
+from vesta.workers import supervisor
 
 TARGET_SPLIT_RATIO = 0.55
 TARGET_SPLIT_OF_CEILING = 0.95
@@ -161,16 +167,26 @@ def join(daemons: Daemons, a: Daemon, label: str, cgroup: Path | None = None) ->
     return b
 
 
-def run_cpu(d: Daemon, n: int, stop: tuple[Daemon, int] | None = None) -> dict[str, Any]:
+#: Something done to a peer mid-job: the peer, and what does it (returns the ``perf_counter``
+#: time it was done).
+Upset = tuple[Daemon, Callable[[], float]]
+
+
+def signalled(peer: Daemon, signum: int) -> Upset:
+    return peer, lambda: peer.send_signal(signum)
+
+
+def run_cpu(d: Daemon, n: int, stop: Upset | None = None) -> dict[str, Any]:
     """``cpu n`` submitted to ``d``: the job's seconds, digest and placements, and every chunk
     handed out (seconds since the submit, node, units).
 
-    With ``stop`` (a peer and a signal), the peer is sent the signal as soon as it has been
-    handed ``CHUNKS_BEFORE_STOP`` chunks; ``release`` is then the seconds from the signal to the
-    next chunk handed to ``d``, which holds the lowest units not done, the peer's lost ones
-    (a job is handed out from its first missing unit on); None if none came.
+    With ``stop`` (a peer and what to do to it: a signal, its owner's load), that is done as
+    soon as the peer has been handed ``CHUNKS_BEFORE_STOP`` chunks; ``release`` is then the
+    seconds from it to the next chunk handed to ``d``, which holds the lowest units not done,
+    the peer's lost ones (a job is handed out from its first missing unit on); None if none
+    came.
     """
-    peer, signum = stop if stop is not None else (None, 0)
+    peer, upset = stop if stop is not None else (None, time.perf_counter)
     starts: list[tuple[float, str, int]] = []
     finished: dict[str, int] = {}
     sent = release = None
@@ -186,7 +202,7 @@ def run_cpu(d: Daemon, n: int, stop: tuple[Daemon, int] | None = None) -> dict[s
                 starts.append((round(now - t0, 4), event.node, event.units))
                 if peer is not None and sent is None and event.node == peer.name and sum(
                         1 for _, node, _ in starts if node == peer.name) == CHUNKS_BEFORE_STOP:
-                    sent = peer.send_signal(signum)
+                    sent = upset()
                     lost = (sum(u for _, node, u in starts if node == peer.name)
                             - finished.get(peer.name, 0))
                 elif sent is not None and release is None and event.node == d.name:
@@ -202,7 +218,7 @@ def run_cpu(d: Daemon, n: int, stop: tuple[Daemon, int] | None = None) -> dict[s
             "release": release, "lost_units": lost if sent is not None else None}
 
 
-def settled_run(d: Daemon, n: int, stop: tuple[Daemon, int]) -> dict[str, Any]:
+def settled_run(d: Daemon, n: int, stop: Upset) -> dict[str, Any]:
     """:func:`run_cpu` once ``d`` reads its core idle and sees the peer to stop offer workers."""
     settle(d, stop[0])
     return run_cpu(d, n, stop)
@@ -432,12 +448,12 @@ def bench_failover(daemons: Daemons, load: Load, a: Daemon, n: int, rounds: int,
     once) or SIGTERM (it tells a it is stopping and hands its units back), against the same job
     undisturbed. The figure is the time from the signal until a is handed its next chunk,
     which begins with b's lost units; b is started afresh after each signal. ``digest`` is
-    the one-node run's of ``cpu n``. a and the last b are stopped at the end."""
+    the one-node run's of ``cpu n``. The last b is stopped at the end."""
     current = {"b": join(daemons, a, "pool-b")}
     steps: dict[str, Callable[[], dict[str, Any]]] = {
         "calm": lambda: split_on(a, n, (a, current["b"])),
-        "kill": lambda: settled_run(a, n, (current["b"], signal.SIGKILL)),
-        "term": lambda: settled_run(a, n, (current["b"], signal.SIGTERM)),
+        "kill": lambda: settled_run(a, n, signalled(current["b"], signal.SIGKILL)),
+        "term": lambda: settled_run(a, n, signalled(current["b"], signal.SIGTERM)),
     }
 
     def restart(key: str) -> None:
@@ -450,8 +466,7 @@ def bench_failover(daemons: Daemons, load: Load, a: Daemon, n: int, rounds: int,
         return _seconds(run) + ("" if release is None else f" (re-leased in {release:.3f} s)")
 
     runs = interleave(steps, rounds, load, "failover", show, after=restart)
-    for d in (a, current["b"]):
-        daemons.stop(d)
+    daemons.stop(current["b"])
     digests = {run["digest"] for rs in runs.values() for run in rs}
     if digests != {digest}:
         raise BenchError(f"cpu {n} split, with or without a node stopped mid-job, gave digests "
@@ -478,6 +493,125 @@ def bench_failover(daemons: Daemons, load: Load, a: Daemon, n: int, rounds: int,
                        [run["seconds"] for run in runs["calm"]]), digits=3),
         ]
     return rows
+
+
+# -- the owner's load on a lender mid-job ----------------------------------------------------------
+
+TARGET_RECLAIM_S = 1.0
+#: Seconds between two looks at the lender's processes while its owner's loop runs.
+HELD_POLL_S = 0.005
+#: Seconds to wait for every lent process to stop once the owner's loop runs.
+RECLAIM_TIMEOUT = 5.0
+
+
+def lent_processes(d: Daemon) -> list[psutil.Process]:
+    """``d``'s job processes that run work for a peer (at nice 19), and what they started."""
+    lent = []
+    for proc in d.tree()[1:]:
+        with contextlib.suppress(psutil.Error):
+            if proc.nice() == 19:
+                lent.append(proc)
+    return lent
+
+
+def runs_lent(proc: psutil.Process) -> bool:
+    """A lent process that runs, or could run: on the CPU or waiting for it, and not held."""
+    with contextlib.suppress(psutil.Error):
+        return proc.status() == psutil.STATUS_RUNNING and not supervisor.held(proc.pid)
+    return False
+
+
+class OwnersLoop:
+    """What an owner does to a lender mid-job: a busy loop on the lender's core. ``held_after``
+    is then the seconds from the loop's start until the lender says it paused its lent work
+    and no lent process there runs (each is stopped, frozen or waiting for its next task);
+    None when that did not happen within ``RECLAIM_TIMEOUT`` (its part ended first)."""
+
+    def __init__(self, lender: Daemon, cpu: int) -> None:
+        self.lender, self.cpu = lender, cpu
+        self.loop: subprocess.Popen[bytes] | None = None
+        self.held_after: float | None = None
+        self.watch: threading.Thread | None = None
+
+    def start(self) -> float:
+        """Once a lent process runs on the lender, start the loop; the time it started."""
+        _wait(f"a lent process on {self.lender.name} to run", 2.0,
+              lambda: any(runs_lent(p) for p in lent_processes(self.lender)), step=0.002)
+        self.loop = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                     preexec_fn=lambda: os.sched_setaffinity(0, {self.cpu}))
+        began = time.perf_counter()
+        self.watch = threading.Thread(target=self._watch, args=(began,), daemon=True)
+        self.watch.start()
+        return began
+
+    def _watch(self, began: float) -> None:
+        while time.perf_counter() < began + RECLAIM_TIMEOUT:
+            if not any(runs_lent(p) for p in lent_processes(self.lender)) and (
+                    self.lender.status()["node"].get("paused")):
+                self.held_after = time.perf_counter() - began
+                return
+            time.sleep(HELD_POLL_S)
+
+    def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.join(RECLAIM_TIMEOUT + 1)
+        if self.loop is not None:
+            self.loop.kill()
+            self.loop.wait(10)
+
+
+def reclaimed_run(a: Daemon, b: Daemon, n: int) -> dict[str, Any]:
+    """``cpu n`` submitted to ``a`` with an owner's loop started on ``b``'s core mid-job."""
+    owner = OwnersLoop(b, 1)
+    try:
+        run = settled_run(a, n, (b, owner.start))
+    finally:
+        owner.stop()
+    run["held_after"] = owner.held_after
+    return run
+
+
+def bench_reclaim(daemons: Daemons, load: Load, a: Daemon, n: int, rounds: int, digest: str,
+                  details: dict[str, Any]) -> list[Row]:
+    """a (core 0) and a new b (core 1), idle, then ``cpu n`` submitted to a; as soon as b has
+    been handed two chunks and runs one, a busy loop starts on core 1, as b's owner would
+    start a program; against the same job undisturbed. The figure is the time from the loop's
+    start until b has paused its lent work and none of it runs. b, at the default
+    ``pause_replace_s`` of a (5 s), gets its part placed elsewhere after that long; it resumes
+    at once when the loop ends (``-reclaim-s 0``). a and b are stopped at the end."""
+    b = join(daemons, a, "pool-b")
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "calm": lambda: split_on(a, n, (a, b)),
+        "owner": lambda: reclaimed_run(a, b, n),
+    }
+
+    def show(run: dict[str, Any]) -> str:
+        held = run.get("held_after")
+        return _seconds(run) + ("" if held is None else f" (lent work stopped in {held:.3f} s)")
+
+    runs = interleave(steps, rounds, load, "reclaim", show)
+    for d in (a, b):
+        daemons.stop(d)
+    digests = {run["digest"] for rs in runs.values() for run in rs}
+    if digests != {digest}:
+        raise BenchError(f"cpu {n} split, with or without b's owner busy mid-job, gave digests "
+                         f"{sorted(digests)}, not the one-node run's {digest}")
+    details["reclaim"] = {"n": n, "runs": runs}
+    missed = [r for r, run in enumerate(runs["owner"]) if run["held_after"] is None]
+    if missed:
+        say(f"  owner's loop: in rounds {[r + 1 for r in missed]} b did not pause its lent work "
+            f"within {RECLAIM_TIMEOUT:g} s (its part ended first?)")
+    held = [run["held_after"] for run in runs["owner"] if run["held_after"] is not None]
+    if not held:
+        raise BenchError(f"no owner's loop on b mid-job led to a pause: {runs['owner']}")
+    return [
+        Row(f"owner's loop on b mid-job (cpu {n}) -> lent work stopped", "s", held,
+            TARGET_RECLAIM_S, higher_is_better=False, digits=3,
+            note=f"{len(missed)} round(s) without" if missed else ""),
+        Row("  job seconds with b's owner busy / undisturbed", "",
+            ratios([run["seconds"] for run in runs["owner"]],
+                   [run["seconds"] for run in runs["calm"]]), digits=3),
+    ]
 
 
 # -- all of it -------------------------------------------------------------------------------------
@@ -509,4 +643,5 @@ def bench_pool(daemons: Daemons, load: Load, rounds: int, quick: bool, details: 
     rows += bench_uneven(daemons, load, (one, a), n_small, side, pool)
     daemons.stop(one)
     rows += bench_failover(daemons, load, a, n_small, side, pool["uneven"]["digest"], pool)
+    rows += bench_reclaim(daemons, load, a, n_small, side, pool["uneven"]["digest"], pool)
     return rows

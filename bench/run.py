@@ -24,7 +24,8 @@ The measurements, by the name ``--only`` takes:
 - ``pool`` (bench/pool.py): a cpu job split over two daemons of one core each, against one
   daemon and beside the same-run ceiling of a plain ``multiprocessing`` split; over a pool
   whose second node a cgroup holds to half a core, against the sum of the nodes' rates; and,
-  when one node gets SIGKILL or SIGTERM mid-job, how soon its units go to the other.
+  when one node gets SIGKILL or SIGTERM mid-job, how soon its units go to the other; and,
+  when a busy loop starts on a lender's core mid-job, how soon its lent work stops.
 - ``discovery``: in the lab (root, ``ip netns``), the second daemon's start until both list each
   other.
 
@@ -466,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                        lambda: bench_remote(daemons, load, remote_jobs, details)),
             "many": (f"{many_jobs} small jobs at once against GNU parallel",
                      lambda: bench_many(daemons, load, many_jobs, args.rounds, details)),
-            "pool": ("a cpu job split over a pool: two nodes, an uneven pair, a node lost",
+            "pool": ("a cpu job split over a pool: two nodes, an uneven pair, a node lost, "
+                     "an owner back",
                      lambda: bench_pool(daemons, load, args.rounds, args.quick, details)),
             "discovery": ("discovery in the network-namespace lab",
                           lambda: bench_discovery(load, args.rounds, details)),
@@ -506,11 +508,13 @@ def main(argv: list[str] | None = None) -> int:
     pool = details.get("pool", {})
     if "failover" in pool:
         split, small = pool["split"], pool["uneven"]
+        small_runs = sum(len(runs) for part in ("uneven", "failover", "reclaim")
+                         for runs in pool.get(part, {}).get("runs", {}).values())
         print(f"pool: cpu {split['n']} digest {split['digest'][:16]}... equal in all "
               f"{sum(map(len, split['runs'].values()))} runs (one node, split, plain); cpu "
               f"{small['n']} digest {small['digest'][:16]}... in all "
-              f"{sum(map(len, [*small['runs'].values(), *pool['failover']['runs'].values()]))} "
-              "(one node, split, uneven, a node stopped mid-job)")
+              f"{small_runs} "
+              "(one node, split, uneven, a node stopped mid-job, an owner busy mid-job)")
     foreign = details["foreign_cores"]
     print("other programs on the machine used a median of " + ", ".join(
         f"{cores:.2f} cores during {name}" for name, cores in foreign.items())

@@ -3,12 +3,15 @@ owner (and its end after ``reclaim_s``), the offer while paused and near ``therm
 
 from __future__ import annotations
 
+import queue
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for
 from vesta.config import build_config
 from vesta.sampler import LENDING_INTERVAL, SUSPEND_GAP_S, Sampler
 from vesta.sysstat import Sysstat
@@ -136,6 +139,32 @@ def test_it_samples_four_times_a_second_while_it_lends(machine: Machine) -> None
     assert watch._next_interval() == 1.0
     machine.lending_now = True
     assert watch._next_interval() == LENDING_INTERVAL <= 0.25
+
+
+def test_lending_that_begins_mid_wait_is_read_within_a_lending_interval(
+        machine: Machine) -> None:
+    """Work lent while the sampler waits out its long idle interval: the next reading comes a
+    lending interval later, not at the end of that wait."""
+    watch = sampler(machine)
+    watch.interval = 30.0  # far longer than the test may take
+    machine.lending_now = False
+    readings: queue.SimpleQueue[float] = queue.SimpleQueue()
+    watch.targets = [lambda _msg: readings.put(time.monotonic())]
+    watch.start()
+    try:
+        wait_for(lambda: watch._waiting_long, timeout=5, what="the sampler's long wait")
+        machine.lending_now = True
+        began = time.monotonic()
+        watch.lending_began()
+        read = readings.get(timeout=5.0)
+        assert read - began <= LENDING_INTERVAL + 0.2
+        assert readings.get(timeout=5.0) - read <= LENDING_INTERVAL + 0.2  # and on, as often
+        watch.lending_began()  # once it lends, a start does not put the next reading off
+        assert readings.get(timeout=5.0) - read <= 2 * LENDING_INTERVAL + 0.2
+    finally:
+        watch.stop()
+        watch.join(5)
+    assert not watch.is_alive()
 
 
 def test_a_suspend_is_told_from_the_boot_clock_running_ahead(machine: Machine) -> None:

@@ -118,7 +118,9 @@ def run(config: Any) -> int:
                                         config.spill_cpu_pct)
         started.append(links.executor)
         links.executor.tell(node)
-        sampler.lent = links.executor.proxy().supervisor.get()  # what is lent, and its CPU
+        supervisor = links.executor.proxy().supervisor.get()
+        supervisor.on_lend = sampler.lending_began
+        sampler.lent = supervisor  # what is lent, and its CPU
         links.autopilot = Autopilot.start(counters, links, config, node, len(sysstat.cpus))
         started.append(links.autopilot)
         links.ledger = Ledger.start(counters, links, ledger_path(config.state_dir, config.name))

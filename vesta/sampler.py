@@ -107,6 +107,8 @@ class Sampler(threading.Thread):
         self.own_cpu = own_cpu
         self.targets: Sequence[Callable[[Message], object]] = ()
         self._stopped = threading.Event()
+        self._hurry = threading.Event()  # lending began: the next reading comes sooner
+        self._waiting_long = False  # the thread waits longer than LENDING_INTERVAL now
         self._lent_mark = (clock(), self._lent_seconds(), own_cpu())
         self._clocks = (clock(), boot())
 
@@ -136,8 +138,25 @@ class Sampler(threading.Thread):
         gap = (now[1] - boot) - (now[0] - mono)
         return gap if gap >= SUSPEND_GAP_S else 0.0
 
+    def lending_began(self) -> None:
+        """Work for a peer starts: read again within :data:`LENDING_INTERVAL`, not at the end of
+        a wait begun while nothing was lent (the owner gets the CPU back within a second of
+        wanting it, whenever the lent work began)."""
+        if self._waiting_long:
+            self._hurry.set()
+
     def run(self) -> None:
-        while not self._stopped.wait(self._next_interval()):
+        last = time.monotonic()
+        while not self._stopped.is_set():
+            interval = self._next_interval()
+            self._waiting_long = interval > LENDING_INTERVAL
+            if self._hurry.wait(interval):
+                self._hurry.clear()
+                self._stopped.wait(max(0.0, last + LENDING_INTERVAL - time.monotonic()))
+            self._waiting_long = False
+            if self._stopped.is_set():
+                return
+            last = time.monotonic()
             try:
                 slept = self.slept()
                 info = self.sample()
@@ -159,3 +178,4 @@ class Sampler(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        self._hurry.set()

@@ -409,11 +409,15 @@ class Supervisor(threading.Thread):
         self._meter_lock = threading.Lock()
         self._lent_seen: dict[int, float] = {}  # pid of a lent process -> CPU it had used
         self._lent_gone = 0.0  # CPU of lent processes that have ended
+        #: Told when a piece for a peer is started (the sampler then reads the load more often).
+        self.on_lend: Callable[[], object] | None = None
 
     # -- called from other threads -----------------------------------------------------------------
 
     def start_worker(self, worker_id: str, kind: str, params: dict[str, Any], lend: bool) -> None:
         self._command("start", worker_id, kind, params, lend)
+        if lend and self.on_lend is not None:
+            self.on_lend()
 
     def kill(self, worker_id: str) -> None:
         self._command("kill", worker_id)
