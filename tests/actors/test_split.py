@@ -326,6 +326,31 @@ def test_the_last_part_on_a_slow_node_runs_again_where_it_ends_sooner_and_the_fi
     assert units == {"desk": 40}
 
 
+def test_a_node_that_slowed_down_after_it_was_measured_is_insured_by_what_its_part_shows(
+) -> None:
+    """pi4 measured as fast as desk, then slowed (its owner, a throttled CPU): its part, two
+    seconds old, shows one unit done. That, not the rate measured before, says it ends last."""
+    pool = Pool.of({"pi4": 4})
+    pool.submit(CpuJob(4))
+    (job,) = pool.pilot.jobs.values()
+    ((key, slow),) = [(k, r) for k, r in pool.pending() if k != HERE]
+    job.rates[key] = 100.0
+    job.parts[slow.task_id].started -= 2.0
+    pool.tell(TaskUnits(slow.task_id, {slow.start: result_of(slow.start)}))
+    for _ in range(100):
+        here = [run for k, run in pool.pending() if k == HERE]
+        if not here:
+            break
+        for run in here:
+            pool.finish(run, seconds=(run.end - run.start) / 100)
+
+    runs = [m for m in pool.executor.messages if isinstance(m, RunTask)]
+    assert (runs[-1].start, runs[-1].end) == (slow.start + 1, slow.end)  # its unfinished end
+    assert ("straggler", "pi4") in [(e["kind"], e["node"]) for e in pool.pilot.events]
+    done = pool.done()
+    assert done is not None and done.result["digest"] == one_node_digest(40)
+
+
 # -- a node lost or refusing mid-split -------------------------------------------------------------
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,12 @@ def start_vestad(host: Host, name: str, key: str, *extra_args: str) -> LabDaemon
     daemon = LabDaemon(name, sock, state, proc, log, args, host=host)
     wait_answering(daemon, f" in lab host {host.name}")
     return daemon
+
+
+@pytest.fixture
+def pin_here() -> Iterator[Callable[[int], None]]:
+    """Keep this process, and the CLI processes it starts, on one CPU (desk's) for the rest of
+    the test, so that they do not weigh on the load of the peer the work should spill to."""
+    before = os.sched_getaffinity(0)
+    yield lambda cpu: os.sched_setaffinity(0, {cpu})
+    os.sched_setaffinity(0, before)

@@ -154,15 +154,6 @@ def spill_to_pi4(desk: LabDaemon, submit: Callable[[], dict[str, Any]]) -> dict[
     return result
 
 
-@pytest.fixture
-def pin_here() -> Iterator[Callable[[int], None]]:
-    """Keep this process, and the CLI processes it starts, on one CPU (desk's) for the rest of
-    the test, so that they do not weigh on the load of the peer the work should spill to."""
-    before = os.sched_getaffinity(0)
-    yield lambda cpu: os.sched_setaffinity(0, {cpu})
-    os.sched_setaffinity(0, before)
-
-
 @functools.cache
 def reference_digest(n: int, seed: int = 0) -> str:
     """The digest of ``cpu N`` computed here from SPEC's definition, independently of vesta."""
@@ -354,20 +345,24 @@ def test_work_spills_to_the_idle_peer_as_in_the_quick_start(
 
 
 @contextlib.contextmanager
-def half_speed(pid: int) -> Iterator[None]:
-    """Hold a process, and every process it starts afterwards, to half a CPU: a cgroup v1 cpu
-    quota of 50 ms per 100 ms (this machine's cgroup v2 has no cpu controller). Skips the test
-    where there is no such controller."""
+def throttled(pid: int, share: float) -> Iterator[Callable[[float], None]]:
+    """Hold a process, and every process it starts afterwards, to ``share`` of a CPU: a cgroup
+    v1 cpu quota per 100 ms (this machine's cgroup v2 has no cpu controller). Yields what sets
+    another share. Skips the test where there is no such controller."""
     base = Path("/sys/fs/cgroup/cpu")
     if not (base / "cpu.cfs_quota_us").exists():
         pytest.skip("no cgroup v1 cpu controller to slow a node down with")
-    group = base / f"vesta-lab-half-{os.getpid()}-{pid}"
+    group = base / f"vesta-lab-slow-{os.getpid()}-{pid}"
     group.mkdir()
+
+    def set_share(now: float) -> None:
+        (group / "cpu.cfs_quota_us").write_text(str(round(now * 100_000)))
+
     try:
         (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text("50000")
+        set_share(share)
         (group / "cgroup.procs").write_text(str(pid))
-        yield
+        yield set_share
     finally:
         left = [int(x) for x in (group / "cgroup.procs").read_text().split()]
         for other in left:  # back to the root, so that the group can go
@@ -387,7 +382,7 @@ def test_a_split_job_gives_a_half_speed_node_about_a_third_and_the_one_node_dige
     desk_host, pi4_host = lab.add_host("desk", cpu=cpu_desk), lab.add_host("pi4", cpu=cpu_pi4)
     pin_here(cpu_desk)
     pi4 = start_vestad(pi4_host, "pi4", KEY, *SAMPLED, "-spill-cpu-pct", "95")
-    with half_speed(pi4.proc.pid):
+    with throttled(pi4.proc.pid, 0.5):
         desk = start_vestad(desk_host, "desk", KEY, *SAMPLED, "-spill-cpu-pct", "95")
         wait_for(lambda: up(desk, "pi4") and up(pi4, "desk"), timeout=10, what="the link")
         idle_peer(desk, "pi4")

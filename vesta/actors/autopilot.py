@@ -571,9 +571,12 @@ class Autopilot(VestaActor):
             lease = job.book.leases.get(part.task_id)
             if part.insures or part.task_id in insured or lease is None:
                 continue
+            # the node's measured rate, or what this part shows once it has run a second, if
+            # that is slower: a first chunk dragging, a node slowed down since it was measured
             ran = now - part.started
-            seen = max(lease.done, 0.5) / ran if ran >= 1.0 else guess  # a first chunk dragging
-            left = job.book.unfinished(lease) / job.rates.get(part.key, seen)
+            rates = [r for r in (job.rates.get(part.key),
+                                 max(lease.done, 0.5) / ran if ran >= 1.0 else None) if r]
+            left = job.book.unfinished(lease) / (min(rates) if rates else guess)
             if left > worst_left:
                 worst, worst_left = part, left
         if worst is None or worst_left < STRAGGLER_MIN_S:
