@@ -211,7 +211,14 @@ def test_waiting_here_says_no_peer_can_take_it(local: Candidate) -> None:
 
 SKIP_REASONS = [
     pytest.param(CPU, peer("a", state="leaving"), "a is leaving", id="leaving"),
-    pytest.param(CPU, peer("a", free=0), "a has no worker free", id="no free worker"),
+    pytest.param(CPU, peer("a", free=0, offer=2), "every worker a offers runs our work (2 of 2)",
+                 id="no free worker"),
+    pytest.param(CPU, peer("a", free=0, offer=0, cpu_pct=90.0),
+                 "a offers no worker now (at 90% CPU", id="offers nothing"),
+    pytest.param(CPU, peer("a", free=0, offer=0, power="empty"),
+                 "a is on battery below its battery_min_pct: it lends nothing", id="battery"),
+    pytest.param(CPU, peer("a", free=0, offer=0, paused="its owner's load is 90%"),
+                 "a is paused for its owner: its owner's load is 90%", id="paused"),
     pytest.param(GPU_EXEC, peer("a", allow_exec=True), "a has no GPU", id="no gpu"),
     pytest.param(Want("exec", "x"), peer("a"), "allow_exec is false", id="exec off"),
     pytest.param(Want("exec", "x"), peer("a", allow_exec=True, exec_allowlist=("y",)),

@@ -30,6 +30,8 @@ from vesta.messages import (
     StatusReply,
     StatusRequest,
     SubmitRequest,
+    WhyReply,
+    WhyRequest,
     decode,
     encode,
 )
@@ -232,6 +234,12 @@ class Client:
         reply = self.request(PeersRequest())
         assert isinstance(reply, PeersReply)
         return reply.peers
+
+    def why(self, job_id: str = "") -> dict[str, Any]:
+        """Why a job of this node went where it went; the last one without ``job_id``."""
+        reply = self.request(WhyRequest(job_id))
+        assert isinstance(reply, WhyReply)
+        return reply.doc
 
     def submit(self, job: AnyJob, tick: float | None = None) -> Iterator[Message | None]:
         """Submit a job and yield its events; the last one is its :class:`JobDone`.

@@ -381,6 +381,12 @@ class CancelRequest(Message, scope=Scope.CONTROL):
     job_id: str = ""
 
 
+class WhyRequest(Message, scope=Scope.CONTROL):
+    """Ask why a job of this node went where it went. Empty ``job_id``: the last one."""
+
+    job_id: str = ""
+
+
 class OutputAck(Message):
     """Control -> Autopilot: ``size`` more bytes of a job's output went into its client's socket,
     so that much more may come (the credit window that keeps a job's output from piling up
@@ -413,6 +419,12 @@ class ErrorReply(Message, scope=Scope.CLIENT):
 
 class StatusReply(Message, scope=Scope.CLIENT):
     """The document ``vesta --json status`` prints."""
+
+    doc: dict[str, Any]
+
+
+class WhyReply(Message, scope=Scope.CLIENT):
+    """The document ``vesta --json why`` prints."""
 
     doc: dict[str, Any]
 

@@ -180,6 +180,8 @@ class Candidate:
     allow_exec: bool = False
     exec_allowlist: tuple[str, ...] = ()
     state: str = "up"
+    offer: int = 0  # workers a peer offers in all (``free`` is what is left of them for us)
+    paused: str = ""  # why a peer's lent work is paused for its owner; "" if it is not
 
     @property
     def local(self) -> bool:
@@ -231,8 +233,20 @@ def unable(node: Candidate, want: Want) -> str:
         if want.mem_mb > room:
             return f"{node.name} has {room} MiB {'available' if node.local else 'offered'}"
     if not node.local and node.free <= 0:
-        return f"{node.name} has no worker free for us"
+        return _no_room(node)
     return ""
+
+
+def _no_room(peer: Candidate) -> str:
+    """Why a peer has no worker for us: the rule that took its offer, or our work using it."""
+    if peer.paused:
+        return f"{peer.name} is paused for its owner: {peer.paused}"
+    if peer.power == "empty":
+        return f"{peer.name} is on battery below its battery_min_pct: it lends nothing"
+    if peer.offer <= 0:
+        return (f"{peer.name} offers no worker now (at {peer.cpu_pct:.0f}% CPU, willingness "
+                f"{peer.willingness:.2f}, power {peer.power})")
+    return f"every worker {peer.name} offers runs our work ({peer.offer} of {peer.offer})"
 
 
 def spare(node: Candidate) -> float:

@@ -150,6 +150,25 @@ def test_cpu_for_people_shows_node_and_digest(daemon: Daemon) -> None:
     assert job_digest([unit_result(0, i) for i in range(10)]) in result.stdout
 
 
+def test_why_explains_the_last_job_or_the_one_named(daemon: Daemon) -> None:
+    fresh = daemon.cli("why")
+    assert fresh.returncode != 0 and "no job was submitted to this node" in fresh.stderr
+    first = as_json(daemon.cli("--json", "cpu", "1"))["job_id"]
+    daemon.cli("exec", "--", "true")
+
+    last = as_json(daemon.cli("--json", "why"))
+    assert last["kind"] == "exec" and last["result"]["ok"]
+    (node,) = last["nodes"]
+    assert set(node) >= {"node", "score", "decision", "reason", "units"}
+    assert (node["node"], node["decision"], node["units"]) == (daemon.name, "chosen", 1)
+    named = daemon.cli("why", first)
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.startswith(f"job {first} (cpu): done in ")
+    assert f"{daemon.name}  " in named.stdout and "chosen" in named.stdout
+    unknown = daemon.cli("why", "nope-000000")
+    assert unknown.returncode != 0 and "no job nope-000000 is known here" in unknown.stderr
+
+
 def test_mem_job(daemon: Daemon) -> None:
     result = daemon.cli("--json", "mem", "32", "100")
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ import logging
 import math
 import secrets
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from vesta.messages import (
     CountRunning,
     CpuJob,
     Drain,
+    ErrorReply,
     ExecJob,
     JobAccepted,
     JobDone,
@@ -67,6 +68,8 @@ from vesta.messages import (
     TaskPaused,
     TaskUnits,
     ToClient,
+    WhyReply,
+    WhyRequest,
     Woke,
 )
 from vesta.policy import (
@@ -74,9 +77,11 @@ from vesta.policy import (
     SPLIT_MIN_UNITS,
     Candidate,
     Decision,
+    Want,
     chunk_size,
     place,
     split_nodes,
+    unable,
     want_of,
 )
 from vesta.sampler import describe
@@ -94,8 +99,9 @@ STRAGGLER_FACTOR = 2.0
 STRAGGLER_MIN_S = 0.5
 #: Seconds a node that refused a chunk of a split job is not asked again for that job.
 REFUSAL_REST_S = 2.0
-#: Placements remembered for ``vesta why``.
-PLACEMENTS_KEPT = 50
+#: Jobs whose placement ``vesta why`` can explain, and events kept for each.
+WHYS_KEPT = 50
+WHY_EVENTS_KEPT = 200
 #: Recent joins, leaves, refusals and failovers shown by ``status``.
 EVENTS_KEPT = 100
 MAX_CPU_N = 10_000
@@ -151,6 +157,7 @@ class _Job:
     rates: dict[str, float] = field(default_factory=dict)  # node key -> units a second
     measured: dict[str, tuple[int, float]] = field(default_factory=dict)  # -> units, seconds
     chunks: Counter[str] = field(default_factory=Counter)  # node name -> chunks handed to it
+    why: dict[str, Any] | None = None  # its decisions as they were made (``vesta why``)
 
 
 class Autopilot(VestaActor):
@@ -170,7 +177,8 @@ class Autopilot(VestaActor):
         self.queue: deque[str] = deque()
         self.tasks: dict[str, str] = {}  # task id -> job id
         self.dropped: dict[str, tuple[str, str]] = {}  # parts no longer waited for -> node
-        self.placements: deque[dict[str, Any]] = deque(maxlen=PLACEMENTS_KEPT)
+        self.whys: OrderedDict[str, dict[str, Any]] = OrderedDict()  # job id -> ``vesta why``
+        self.last_job = ""  # the id of the last job submitted here
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.draining = False
         self.stress = StressState(0)
@@ -315,9 +323,20 @@ class Autopilot(VestaActor):
                                   "paused": part.paused_since is not None})
         return flows
 
-    def event(self, kind: str, node: str, detail: str) -> None:
-        self.events.append({"at": round(time.time(), 3), "kind": kind, "node": node,
-                            "detail": detail})
+    def event(self, kind: str, node: str, detail: str, job: _Job | None = None) -> None:
+        """Something ``status`` lists among the recent events; with ``job``, ``vesta why``
+        lists it for that job too (``job_event``)."""
+        entry = {"at": round(time.time(), 3), "kind": kind, "node": node, "detail": detail}
+        self.events.append(entry)
+        if job is not None and job.why is not None:
+            job.why["events"].append(entry)
+
+    @staticmethod
+    def job_event(job: _Job, kind: str, node: str, detail: str) -> None:
+        """Something ``vesta why`` lists for the job alone (a chunk handed out)."""
+        if job.why is not None and len(job.why["events"]) < WHY_EVENTS_KEPT:
+            job.why["events"].append({"at": round(time.time(), 3), "kind": kind, "node": node,
+                                      "detail": detail})
 
     def peer_events(self, table: dict[str, dict[str, Any]]) -> None:
         """Joins and leaves, from the difference between the old peer table and the new."""
@@ -340,6 +359,15 @@ class Autopilot(VestaActor):
                 self.to_client(client, StatusReply(self.status_doc()))
             case PeersRequest():
                 self.to_client(client, PeersReply(self.peer_docs()))
+            case WhyRequest(job_id=job_id):
+                why = self.whys.get(job_id or self.last_job)
+                if why is None:
+                    self.to_client(client, ErrorReply("unknown_job", (
+                        f"no job {job_id} is known here" if job_id else
+                        "no job was submitted to this node since it started")
+                        + f" (it remembers the last {WHYS_KEPT})"))
+                else:
+                    self.to_client(client, WhyReply(_public(why)))
             case SubmitRequest(job=job):
                 self.submit(client, job)
             case OutputAck(job_id=job_id, size=size):
@@ -368,6 +396,7 @@ class Autopilot(VestaActor):
         job_id = f"{self.config.name}-{secrets.token_hex(3)}"
         job = _Job(job_id, spec, client, time.monotonic(), JobBook(total))
         self.jobs[job_id] = job
+        self.last_job = job_id
         self.queue.append(job_id)
         waits = len(self.queue) > 1 or node.free <= 0  # what dispatch is about to find
         self.to_client(client, JobAccepted(job_id, waits, len(self.queue) if waits else 0))
@@ -425,7 +454,8 @@ class Autopilot(VestaActor):
                 fp, peer["name"], peer["cores"], peer["cpu_pct"], peer["mem_available_mb"],
                 peer["offer_mem_mb"], peer["offer_workers"] - self.booked[fp],
                 peer["willingness"], peer["power"], peer["gpu"], peer["allow_exec"],
-                tuple(peer["exec_allowlist"]), peer["state"],
+                tuple(peer["exec_allowlist"]), peer["state"], peer["offer_workers"],
+                peer.get("paused") or "",
             ))
         return found
 
@@ -472,6 +502,7 @@ class Autopilot(VestaActor):
         if len(self.split_nodes(job)) < 2:
             return False
         job.chunked = True
+        self.remember_split(job, self.split_nodes(job))
         self.feed(job)
         return bool(job.parts)
 
@@ -547,6 +578,13 @@ class Autopilot(VestaActor):
         self.tasks[task_id] = job.job_id
         self.booked[node.key] += workers
         run = RunTask(task_id, job.job_id, job.job, start, end, False, workers)
+        if insures:
+            what = f"runs units {start}-{end - 1} again (insurance)"
+        elif _is_cpu(job):
+            what = f"units {start}-{end - 1} ({end - start}) on {workers} worker(s)"
+        else:
+            what = "runs it"
+        self.job_event(job, "part", node.name, what)
         if node.local:
             self.links.executor.tell(run)
         else:
@@ -586,7 +624,8 @@ class Autopilot(VestaActor):
         if worst_left > STRAGGLER_FACTOR * here:
             self.event("straggler", worst.name, f"job {job.job_id}: its last "
                        f"{job.book.unfinished(lease)} units (about {worst_left:.1f} s there) "
-                       f"run on {node.name} too (about {here:.1f} s); the first result counts")
+                       f"run on {node.name} too (about {here:.1f} s); the first result counts",
+                       job)
             self.start_part(job, node, (0, 0), insures=worst.task_id)
             job.chunks[node.name] += 1
 
@@ -604,13 +643,87 @@ class Autopilot(VestaActor):
             self.settle(job, TaskDone("", True, 0.0))
 
     def remember(self, job: _Job, decisions: list[Decision]) -> None:
-        self.placements.append({
-            "job_id": job.job_id, "kind": job.job.kind,
-            "nodes": [{"node": d.name, "score": d.score,
-                       "decision": "chosen" if d.chosen else "skipped", "reason": d.reason,
-                       "units": job.book.missing_units() if d.chosen else 0}
-                      for d in decisions],
-        })
+        """A placement as it is made, for ``vesta why``: the first one's decision on every node
+        known now (those placement did not consider too, with the reason); a later one (what a
+        lost node held, placed again) as an event."""
+        if job.why is not None:
+            chosen = next((d for d in decisions if d.chosen), None)
+            if chosen is not None:
+                self.event("placed", chosen.name, f"job {job.job_id}: placed again: "
+                           f"{chosen.reason}", job)
+            return
+        nodes = [{"node": d.name, "score": d.score,
+                  "decision": "chosen" if d.chosen else "skipped", "reason": d.reason,
+                  "units": 0, "key": d.key} for d in decisions]
+        considered = {d.key for d in decisions}
+        now = time.monotonic()
+        for fp, peer in self.peers.items():
+            if fp in considered:
+                continue
+            name = peer.get("name", fp[:8])
+            if fp in job.excluded:
+                reason = f"{name} was dropped for this job earlier"
+            elif job.resting.get(fp, 0.0) > now:
+                reason = f"{name} refused a chunk of this job a moment ago: it rests"
+            elif peer.get("state") == "incompatible":
+                reason = f"{name} is incompatible: {peer.get('reason') or 'another version'}"
+            elif peer.get("state") != "up":
+                reason = f"{name} is {peer.get('state', 'not linked')}"
+            else:
+                reason = f"{name} has not said what it offers yet"
+            nodes.append({"node": name, "score": 0.0, "decision": "skipped", "reason": reason,
+                          "units": 0, "key": fp})
+        job.why = {"job_id": job.job_id, "kind": job.job.kind, "at": round(time.time(), 3),
+                   "nodes": nodes, "events": []}
+        self.whys[job.job_id] = job.why
+        while len(self.whys) > WHYS_KEPT:
+            self.whys.popitem(last=False)
+
+    def remember_split(self, job: _Job, nodes: list[Candidate]) -> None:
+        """A split's nodes are all chosen; why each other node is not among them."""
+        if job.why is None:
+            return
+        split = {node.key: node for node in nodes}
+        want = want_of(job.job)
+        for entry in job.why["nodes"]:
+            node = split.get(entry["key"])
+            if node is not None:
+                entry["decision"] = "chosen"
+                entry["reason"] = (f"{node.name} takes part in the split: at "
+                                   f"{node.cpu_pct:.0f}% CPU with {node.free} worker(s) free")
+            elif entry["decision"] == "chosen" or entry["reason"].endswith(
+                    "the node it was submitted to") or "less spare capacity" in entry["reason"]:
+                entry["decision"] = "skipped"
+                entry["reason"] = self.not_in_split(entry, want)
+
+    def not_in_split(self, entry: dict[str, Any], want: Want) -> str:
+        """Why a node that could take the job is not among a split's nodes."""
+        if entry["key"] == HERE:
+            here = self.here()
+            return unable(here, want) or (
+                f"{here.name} (this node) is at {here.cpu_pct:.0f}% CPU, at or above the "
+                f"{self.config.spill_cpu_pct:.0f}% spill line")
+        found = [c for c in self.candidates(set()) if c.key == entry["key"]]
+        if not found:
+            return f"{entry['node']} is not up"
+        node = found[0]
+        return unable(node, want) or (
+            f"{node.name} is at {node.cpu_pct:.0f}% CPU, at or above the "
+            f"{self.config.spill_cpu_pct:.0f}% spill line")
+
+    def remember_end(self, job: _Job, result: dict[str, Any], error: str) -> None:
+        """What each node ran of the job, in the end."""
+        if job.why is None:
+            return
+        for entry in job.why["nodes"]:
+            name = entry["node"]
+            entry["units"] = job.units.get(name, 0)
+            if job.chunked:
+                entry["chunks"] = job.chunks.get(name, 0)
+            if name in job.seconds:
+                entry["seconds"] = round(job.seconds[name], 3)
+        job.why["result"] = {"ok": not error, "error": error, "seconds": result["seconds"],
+                             "retried": job.retried}
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -678,10 +791,11 @@ class Autopilot(VestaActor):
             return
         if why and part.paused_since is None:
             part.paused_since = time.monotonic()
-            self.event("pause", part.name, f"job {job.job_id}: paused for its owner: {why}")
+            self.event("pause", part.name, f"job {job.job_id}: paused for its owner: {why}",
+                       job)
         elif not why and part.paused_since is not None:
             part.paused_since = None
-            self.event("resume", part.name, f"job {job.job_id}: runs again")
+            self.event("resume", part.name, f"job {job.job_id}: runs again", job)
 
     def move_paused(self) -> None:
         """Parts paused for their lender's owner longer than ``pause_replace_s`` go where another
@@ -700,7 +814,8 @@ class Autopilot(VestaActor):
                     continue
                 job.excluded.add(part.key)
                 self.event("failover", part.name, f"job {job.job_id}: paused for its owner for "
-                           f"{now - part.paused_since:.1f} s; its units go to {elsewhere.name}")
+                           f"{now - part.paused_since:.1f} s; its units go to {elsewhere.name}",
+                           job)
                 self.cancel_part(task_id, part)
                 self.drop_part(job, task_id)
 
@@ -730,17 +845,29 @@ class Autopilot(VestaActor):
             else:
                 job.excluded.add(part.key)
             self.counters.add("refused_by_peers")
-            self.event("refusal", part.name, done.error)
+            self.event("refusal", part.name, done.error, job)
+            self.remember_refusal(job, part, done.error)
             return
         job.excluded.add(part.key)
         job.lost_waiting = True
-        self.event("failover", part.name, f"job {job.job_id}: {done.error}")
+        self.event("failover", part.name, f"job {job.job_id}: {done.error}; {unfinished} "
+                   "unit(s) it had not finished are placed again", job)
         if isinstance(job.job, ExecJob) and not job.job.retry:
             job.failure = (exits.NOT_RUN, f"{done.error}; the command did not finish there "
                            "(with --retry it would run again elsewhere)")
             self.fail_now(job)
             return
         job.retried += unfinished
+
+    @staticmethod
+    def remember_refusal(job: _Job, part: _Part, error: str) -> None:
+        """A node chosen for the job said no (its owner, its fairness cap): skipped, and why."""
+        if job.why is None:
+            return
+        for entry in job.why["nodes"]:
+            if entry["key"] == part.key and not job.units.get(part.name):
+                entry["decision"] = "skipped"
+                entry["reason"] = f"chosen, then it refused: {error}"
 
     def fail_now(self, job: _Job, failure: tuple[int, str] | None = None) -> None:
         """End a job whose failure is final, stopping its other parts."""
@@ -812,6 +939,7 @@ class Autopilot(VestaActor):
             result["node"] = ran[-1] if ran else self.config.name
             result["exit_code"] = exit_code if exit_code is not None else 0
         result.update(job.detail)
+        self.remember_end(job, result, error)
         ok = not error
         code = exit_code if exit_code is not None else (exits.OK if ok else exits.FAILED)
         self.to_client(job.client, JobDone(job.job_id, ok, result, error, code))
@@ -866,3 +994,9 @@ def _spec(job: AnyJob, abbreviate: bool = False) -> dict[str, Any]:
         line = " ".join(job.argv)
         spec["argv"] = line if len(line) <= 200 else line[:199] + "…"
     return spec
+
+
+def _public(why: dict[str, Any]) -> dict[str, Any]:
+    """A job's ``vesta why`` record as the client gets it (without the slot book's keys)."""
+    return {**why, "nodes": [{k: v for k, v in node.items() if k != "key"}
+                             for node in why["nodes"]]}

@@ -46,6 +46,7 @@ from vesta.messages import (
     StressRequest,
     SubmitRequest,
     ToClient,
+    WhyRequest,
     decode,
     encode,
 )
@@ -159,7 +160,8 @@ class ControlChannel(Channel):
 
     def route(self, client: int, request: Message) -> None:
         match request:
-            case StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest():
+            case (StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest()
+                  | WhyRequest()):
                 tell_quietly(self.links.autopilot, ClientRequest(client, request))
             case StressRequest(cores=cores, seconds=seconds):
                 if cores < 0 or not 0 < seconds <= 86400:

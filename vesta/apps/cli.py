@@ -8,6 +8,7 @@ Usage:
   vesta [options] exec [--gpu] [--retry] [--timeout=<SECS>] [--] <cmd>...
   vesta [options] stress <cores> <secs>
   vesta [options] stop-stress
+  vesta [options] why [<job_id>]
   vesta keygen
   vesta (-h | --help)
   vesta --version
@@ -20,6 +21,7 @@ Commands:
   exec CMD     run a command where there is room; exits with its status
   stress C S   pin C of the daemon's cores (0 = all) for S seconds, to see work spill
   stop-stress  end a stress early
+  why [JOB]    where a job of this node went and why (the last one without JOB)
   keygen       print a new random federation key, for vestad -key-file (vesta keygen > fed.key)
 
 Options:
@@ -195,7 +197,7 @@ class Command:
         actions: list[tuple[str, Callable[[], int]]] = [
             ("peers", self.peers), ("status", self.status), ("cpu", self.cpu), ("mem", self.mem),
             ("exec", self.exec), ("stress", self.stress), ("stop-stress", self.stop_stress),
-            ("keygen", self.keygen),
+            ("why", self.why), ("keygen", self.keygen),
         ]
         for name, action in actions:
             if a[name]:
@@ -233,6 +235,15 @@ class Command:
             self.emit(doc)
         else:
             self.out.write(format_status(doc))
+        return 0
+
+    def why(self) -> int:
+        with self.connect() as client:
+            doc = client.why(self.args["<job_id>"] or "")
+        if self.json:
+            self.emit(doc)
+        else:
+            self.out.write(format_why(doc))
         return 0
 
     # -- jobs --------------------------------------------------------------------------------------
@@ -569,6 +580,32 @@ def format_status(doc: dict[str, Any]) -> str:
     troubles = {k: v for k, v in doc["counters"].items() if v}
     if troubles:
         text += "\n" + table([[k, str(v)] for k, v in sorted(troubles.items())])
+    return text
+
+
+def format_why(doc: dict[str, Any]) -> str:
+    """A job's placement for people: every node's decision and its reason, what each ran, and
+    what happened on the way (parts handed out, refusals, pauses, failovers)."""
+    result = doc.get("result")
+    head = f"job {doc['job_id']} ({doc['kind']})"
+    if result is None:
+        head += ": still running"
+    elif result["ok"]:
+        head += f": done in {result['seconds']:.2f} s"
+    else:
+        head += f": failed after {result['seconds']:.2f} s: {result['error']}"
+    if result and result.get("retried"):
+        head += f"; {result['retried']} unit(s) run again"
+    split = any("chunks" in n for n in doc["nodes"])
+    rows = [["NODE", "SCORE", "DECISION", "UNITS"] + (["CHUNKS"] if split else []) + ["WHY"]]
+    for n in doc["nodes"]:
+        rows.append([n["node"], f"{n['score']:.2f}", n["decision"], str(n.get("units", 0))]
+                    + ([str(n.get("chunks", 0))] if split else []) + [n["reason"]])
+    text = head + "\n\n" + table(rows)
+    if doc["events"]:
+        start = doc["at"]
+        text += "\n" + table([[f"+{e['at'] - start:.2f} s", e["kind"], e["node"], e["detail"]]
+                              for e in doc["events"]])
     return text
 
 
