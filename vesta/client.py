@@ -21,6 +21,8 @@ from vesta.messages import (
     AnyJob,
     CancelRequest,
     DecodeError,
+    DoctorReply,
+    DoctorRequest,
     ErrorReply,
     JobDone,
     Message,
@@ -234,6 +236,12 @@ class Client:
         reply = self.request(PeersRequest())
         assert isinstance(reply, PeersReply)
         return reply.peers
+
+    def doctor(self) -> dict[str, Any]:
+        """The facts ``vesta doctor`` checks, as the daemon sees them."""
+        reply = self.request(DoctorRequest())
+        assert isinstance(reply, DoctorReply)
+        return reply.facts
 
     def why(self, job_id: str = "") -> dict[str, Any]:
         """Why a job of this node went where it went; the last one without ``job_id``."""

@@ -30,6 +30,7 @@ from vesta.actors.ledger import Ledger, ledger_path
 from vesta.actors.links import Links
 from vesta.actors.transport import Transport, open_peer_listener
 from vesta.counters import Counters
+from vesta.doctor import daemon_facts
 from vesta.identity import IdentityError, load_or_create
 from vesta.messages import CancelAll, CountRunning, Drain, Serve
 from vesta.sampler import Sampler
@@ -127,8 +128,10 @@ def run(config: Any) -> int:
         started.append(links.ledger)
         links.transport = Transport.start(counters, links, loop, peer_listener, keys, identity)
         started.append(links.transport)
+        facts = daemon_facts(config, identity.fingerprint, address,
+                             peer_listener.getsockname()[:2], sys.argv)
         links.discovery = Discovery.start(counters, links, loop, beacons, keys, identity, config,
-                                          boot, node)
+                                          boot, node, facts=facts)
         started.append(links.discovery)
         sampler.targets = [partial(tell_quietly, ref) for ref in
                            (links.autopilot, links.discovery, links.executor)]

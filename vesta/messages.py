@@ -387,6 +387,11 @@ class WhyRequest(Message, scope=Scope.CONTROL):
     job_id: str = ""
 
 
+class DoctorRequest(Message, scope=Scope.CONTROL):
+    """Ask what ``vesta doctor`` checks: the daemon's sockets, addresses, key and files, and
+    the beacons, seeds and clock jumps it has seen."""
+
+
 class OutputAck(Message):
     """Control -> Autopilot: ``size`` more bytes of a job's output went into its client's socket,
     so that much more may come (the credit window that keeps a job's output from piling up
@@ -427,6 +432,12 @@ class WhyReply(Message, scope=Scope.CLIENT):
     """The document ``vesta --json why`` prints."""
 
     doc: dict[str, Any]
+
+
+class DoctorReply(Message, scope=Scope.CLIENT):
+    """The facts ``vesta doctor`` checks (see :mod:`vesta.doctor`)."""
+
+    facts: dict[str, Any]
 
 
 class PeersReply(Message, scope=Scope.CLIENT):

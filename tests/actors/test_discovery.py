@@ -437,6 +437,58 @@ def test_open_passes_on_a_node_of_another_version_without_its_payload(start: Any
     assert disco.count("dropped_beacons") == 0
 
 
+# -- what vesta doctor is told ---------------------------------------------------------------------
+
+
+def doctor_facts(disco: Disco) -> dict[str, Any]:
+    facts: dict[str, Any] = disco.ref.proxy().doctor_facts().get(timeout=DEADLINE)
+    return facts
+
+
+def test_doctor_is_told_who_sends_beacons_under_another_key_or_version(start: Any) -> None:
+    disco = start(facts={"name": "n1"})
+    peer = new_identity()
+    for _ in range(3):
+        disco.open(seal_beacon(OTHER_KEYS, peer, encode(beacon(peer))), "192.0.2.20")
+    disco.open(seal_beacon(KEYS, peer, b"v2", versions=(2, 3)), "192.0.2.30")
+
+    facts = doctor_facts(disco)
+    assert facts["name"] == "n1"  # what the daemon knew at start comes along
+    assert facts["foreign"] == {"other_key": {"192.0.2.20": 3},
+                                "other_version": {"192.0.2.30": [1, "versions 2 to 3"]}}
+
+
+def test_doctor_is_told_of_a_copy_of_this_node_but_not_of_its_own_broadcasts(start: Any) -> None:
+    disco = start()
+    ours = seal_beacon(KEYS, disco.identity, encode(beacon(disco.identity)))
+    assert disco.open(ours, "127.0.0.1") is None
+    assert doctor_facts(disco)["own_fingerprint_from"] == {}
+    assert disco.open(ours, "192.0.2.40") is None
+    assert doctor_facts(disco)["own_fingerprint_from"] == {"192.0.2.40": 1}
+    assert disco.count("beacons_own_fingerprint") == 1
+
+
+def test_doctor_is_told_of_one_fingerprint_from_two_machines(start: Any) -> None:
+    disco = start()
+    peer = new_identity()
+    disco.hear(peer, seq=9)  # from HOST
+    again = beacon(peer, seq=9)
+    disco.ref.tell(BeaconHeard(peer.fingerprint, [PROTOCOL_VERSION] * 2, again, "192.0.2.8"))
+    assert doctor_facts(disco)["twins"] == {}  # the same mark: one node with two addresses
+    older = beacon(peer, seq=3)
+    disco.ref.tell(BeaconHeard(peer.fingerprint, [PROTOCOL_VERSION] * 2, older, "192.0.2.9"))
+    assert doctor_facts(disco)["twins"] == {peer.fingerprint: [HOST, "192.0.2.9"]}
+
+
+def test_doctor_is_told_which_seeds_answered(start: Any) -> None:
+    disco = start()
+    disco.ref.tell(SeedsResolved([[HOST, 7778], ["192.0.2.99", 7778]]))
+    disco.hear(new_identity())
+    assert doctor_facts(disco)["seed_status"] == [
+        {"seed": f"{HOST}:7778", "answered": True},
+        {"seed": "192.0.2.99:7778", "answered": False}]
+
+
 # -- a real socket ---------------------------------------------------------------------------------
 
 

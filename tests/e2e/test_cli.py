@@ -169,6 +169,31 @@ def test_why_explains_the_last_job_or_the_one_named(daemon: Daemon) -> None:
     assert unknown.returncode != 0 and "no job nope-000000 is known here" in unknown.stderr
 
 
+def test_doctor_checks_the_daemon_and_says_what_to_fix(daemon: Daemon) -> None:
+    result = daemon.cli("--json", "doctor")
+    assert result.returncode == 1, result.stderr  # the test daemons listen on loopback only
+    found = {c["name"]: c for c in as_json(result)["checks"]}
+    assert {"daemon", "interfaces", "ports", "address", "others", "fingerprint", "seeds",
+            "clock", "key", "files"} <= found.keys()
+    assert all(set(c) == {"name", "ok", "detail", "fix"} for c in found.values())
+    assert found["daemon"]["ok"] and daemon.name in found["daemon"]["detail"]
+    assert not found["address"]["ok"] and "loopback" in found["address"]["detail"]
+    # bound to loopback, without seeds: its beacons reach nobody either
+    assert [name for name, c in found.items() if not c["ok"]] == ["interfaces", "address"]
+    people = daemon.cli("doctor")
+    assert people.returncode == 1
+    assert any(line.startswith("FAIL  address") for line in people.stdout.splitlines())
+    assert "fix: give -advertise" in people.stdout
+
+
+def test_doctor_without_a_daemon_still_checks_this_machine(tmp_path: Path) -> None:
+    result = run_cli("--socket", str(tmp_path / "none.sock"), "--json", "doctor")
+    assert result.returncode == 1 and not result.stderr
+    found = {c["name"]: c for c in as_json(result)["checks"]}
+    assert not found["daemon"]["ok"] and "not running" in found["daemon"]["detail"]
+    assert {"interfaces", "ports", "address", "files"} <= found.keys()
+
+
 def test_mem_job(daemon: Daemon) -> None:
     result = daemon.cli("--json", "mem", "32", "100")
     assert result.returncode == 0, result.stderr

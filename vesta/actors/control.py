@@ -32,6 +32,7 @@ from vesta.messages import (
     ClientGone,
     ClientRequest,
     DecodeError,
+    DoctorRequest,
     ErrorReply,
     JobOutput,
     Message,
@@ -163,6 +164,8 @@ class ControlChannel(Channel):
             case (StatusRequest() | PeersRequest() | SubmitRequest() | CancelRequest()
                   | WhyRequest()):
                 tell_quietly(self.links.autopilot, ClientRequest(client, request))
+            case DoctorRequest():
+                tell_quietly(self.links.discovery, ClientRequest(client, request))
             case StressRequest(cores=cores, seconds=seconds):
                 if cores < 0 or not 0 < seconds <= 86400:
                     self.reply(client, ErrorReply("bad_request", "stress takes CORES >= 0 and "

@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +32,16 @@ from vesta import PROTOCOL_VERSION
 from vesta.actors.base import VestaActor, tell_quietly
 from vesta.actors.links import Links
 from vesta.counters import Counters
+from vesta.doctor import CLOCK_STEP_S
 from vesta.identity import Identity
 from vesta.messages import (
     Beacon,
     BeaconHeard,
+    ClientRequest,
     DecodeError,
     Dial,
+    DoctorReply,
+    DoctorRequest,
     LinkRefused,
     Message,
     NodeInfo,
@@ -48,6 +52,7 @@ from vesta.messages import (
     Scope,
     SeedsResolved,
     Tick,
+    ToClient,
     Woke,
     decode,
     encode,
@@ -77,6 +82,10 @@ LOAD_STEP = 10.0
 DIAL_GRACE_S = 2.0
 #: Seconds between look-ups of the seeds' host names.
 RESOLVE_EVERY_S = 30.0
+#: Most hosts remembered for each kind of foreign beacon, and most clock events kept, for
+#: ``vesta doctor``.
+MAX_FOREIGN_HOSTS = 32
+MAX_CLOCK_EVENTS = 10
 _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO = struct.Struct("=i4s4s")  # ifindex, local address, destination address
 
@@ -155,7 +164,7 @@ class Discovery(VestaActor):
         self, counters: Counters, links: Links, loop: IoLoop, sock: socket.socket | None,
         keys: FederationKeys, identity: Identity, config: Any, boot: int, node: NodeInfo,
         versions: tuple[int, int] = (PROTOCOL_VERSION, PROTOCOL_VERSION),
-        expire_s: float | None = None,
+        expire_s: float | None = None, facts: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(counters)
         self.links = links
@@ -180,6 +189,17 @@ class Discovery(VestaActor):
         self.last_load = node.cpu_pct
         self.bind_index = 0
         self.resolver = Resolver(config.seed, lambda m: tell_quietly(self.actor_ref, m))
+        # for ``vesta doctor``: what the daemon knew at start, and what it has seen since; the
+        # beacons dropped are noted in the loop thread, under the lock
+        self.facts = facts or {}
+        self._foreign_lock = threading.Lock()
+        self.other_key: Counter[str] = Counter()  # host -> beacons under another key
+        self.other_version: dict[str, list[Any]] = {}  # host -> [beacons, versions it speaks]
+        self.own_from: Counter[str] = Counter()  # host -> beacons with our fingerprint
+        self.twins: dict[str, set[str]] = {}  # fingerprint -> hosts it came from at once
+        self.suspends: list[float] = []
+        self.clock_steps: list[float] = []
+        self.wall_offset = _wall_offset()
 
     def on_start(self) -> None:
         self.read_networks()
@@ -207,7 +227,11 @@ class Discovery(VestaActor):
             case Tick(name="beacon"):
                 self.announce()
                 self.expire()
-            case Woke():  # a laptop's lid opened: perhaps on another network; say so at once
+                self.watch_clock()
+            case ClientRequest(client=client, request=DoctorRequest()):
+                self.links.clients.tell(ToClient(client, DoctorReply(self.doctor_facts())))
+            case Woke(slept_s=slept):  # a lid opened: perhaps on another network; say so now
+                self.suspends = [*self.suspends, slept][-MAX_CLOCK_EVENTS:]
                 self.read_networks()
                 self.announce()
                 if self.seeds:
@@ -283,6 +307,48 @@ class Discovery(VestaActor):
             return False
         return any(address in n.network and n.broadcast for n in self.networks)
 
+    # -- vesta doctor ------------------------------------------------------------------------------
+
+    def note_foreign(self, counts: Counter[str], host: str) -> None:
+        """Count a dropped beacon's sender (in the loop thread), for at most so many hosts."""
+        with self._foreign_lock:
+            if host in counts or len(counts) < MAX_FOREIGN_HOSTS:
+                counts[host] += 1
+
+    def ours(self, host: str) -> bool:
+        """Whether ``host`` is one of this machine's addresses (our broadcasts come back)."""
+        return host.startswith("127.") or any(n.address == host for n in self.networks)
+
+    def watch_clock(self) -> None:
+        """Note a step of the wall clock (NTP setting a Pi's clock, a person): the offset from
+        the boot clock, which suspends do not move, changes."""
+        offset = _wall_offset()
+        if abs(offset - self.wall_offset) >= CLOCK_STEP_S:
+            self.clock_steps = [*self.clock_steps, round(offset - self.wall_offset, 1)][
+                -MAX_CLOCK_EVENTS:]
+        self.wall_offset = offset
+
+    def doctor_facts(self) -> dict[str, Any]:
+        """What ``vesta doctor`` checks: the facts of the start, and what was seen since."""
+        with self._foreign_lock:
+            other_key, own_from = dict(self.other_key), dict(self.own_from)
+            other_version = {host: list(seen) for host, seen in self.other_version.items()}
+        heard = {e.host for e in self.nodes.values() if e.host}
+        return {
+            **self.facts,
+            "networks": [{"interface": n.interface, "address": n.address,
+                          "broadcast": n.broadcast} for n in self.networks],
+            "beacon_targets": [f"{host}:{port}" for host, port in self.destinations()],
+            "foreign": {"other_key": other_key, "other_version": other_version},
+            "own_fingerprint_from": own_from,
+            "twins": {fp: sorted(hosts) for fp, hosts in self.twins.items()},
+            "seeds": list(self.config.seed),
+            "seed_status": [{"seed": f"{host}:{port}", "answered": host in heard}
+                            for host, port in self.seeds]
+            + [{"seed": seed, "answered": False} for seed in self.config.seed[len(self.seeds):]],
+            "suspends": self.suspends, "clock_steps": self.clock_steps,
+        }
+
     # -- beacons in --------------------------------------------------------------------------------
 
     def _receive(self, sock: socket.socket) -> None:
@@ -310,13 +376,23 @@ class Discovery(VestaActor):
             self.counters.add("dropped_beacons")
             if isinstance(exc, WrongKey):
                 self.counters.add("beacons_other_key")
+                self.note_foreign(self.other_key, host)
             elif not isinstance(exc, NotVesta):
                 self.counters.add("beacons_bad")
             return None
         if opened.fingerprint == self.fingerprint:
-            return None  # our own broadcast, come back
+            if not self.ours(host):  # not our own broadcast come back: a copy of this node
+                self.counters.add("beacons_own_fingerprint")
+                self.note_foreign(self.own_from, host)
+            return None
         if not opened.compatible:
             self.counters.add("beacons_other_version")
+            with self._foreign_lock:
+                seen = self.other_version.get(host)
+                if seen is None and len(self.other_version) < MAX_FOREIGN_HOSTS:
+                    seen = self.other_version[host] = [0, _versions(opened.versions)]
+                if seen is not None:
+                    seen[0] += 1
             return BeaconHeard(opened.fingerprint, list(opened.versions), None, host)
         try:
             beacon = decode(opened.payload, Scope.PEER)
@@ -345,6 +421,12 @@ class Discovery(VestaActor):
         if fp in self.marks and mark <= self.marks[fp]:
             self.counters.add("dropped_beacons")
             self.counters.add("beacons_replayed")
+            known = self.nodes.get(fp)
+            if (mark < self.marks[fp] and known is not None and known.host
+                    and known.host != heard.host and len(self.twins) < MAX_FOREIGN_HOSTS):
+                # an older mark from another address while the node speaks from its own: two
+                # machines with one identity (a node with two addresses repeats the same mark)
+                self.twins.setdefault(fp, set()).update((known.host, heard.host))
             return
         self.marks[fp] = mark
         self.marks.move_to_end(fp)
@@ -475,3 +557,8 @@ class Resolver(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+
+
+def _wall_offset() -> float:
+    """The wall clock less the boot clock: steady but for steps of the wall clock."""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)

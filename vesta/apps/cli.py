@@ -9,6 +9,7 @@ Usage:
   vesta [options] stress <cores> <secs>
   vesta [options] stop-stress
   vesta [options] why [<job_id>]
+  vesta [options] doctor
   vesta keygen
   vesta (-h | --help)
   vesta --version
@@ -22,6 +23,7 @@ Commands:
   stress C S   pin C of the daemon's cores (0 = all) for S seconds, to see work spill
   stop-stress  end a stress early
   why [JOB]    where a job of this node went and why (the last one without JOB)
+  doctor       check what usually keeps nodes apart, one line each with a fix
   keygen       print a new random federation key, for vestad -key-file (vesta keygen > fed.key)
 
 Options:
@@ -197,7 +199,7 @@ class Command:
         actions: list[tuple[str, Callable[[], int]]] = [
             ("peers", self.peers), ("status", self.status), ("cpu", self.cpu), ("mem", self.mem),
             ("exec", self.exec), ("stress", self.stress), ("stop-stress", self.stop_stress),
-            ("why", self.why), ("keygen", self.keygen),
+            ("why", self.why), ("doctor", self.doctor), ("keygen", self.keygen),
         ]
         for name, action in actions:
             if a[name]:
@@ -245,6 +247,25 @@ class Command:
         else:
             self.out.write(format_why(doc))
         return 0
+
+    def doctor(self) -> int:
+        """The daemon's view and this machine's, checked; 1 if anything is wrong. Without a
+        daemon, what can be checked here still is."""
+        from vesta import doctor  # only doctor needs it: it costs the CLI's start-up time
+
+        facts = None
+        try:
+            with self.connect(timeout=5) as client:
+                facts = client.doctor()
+        except DaemonUnreachable:
+            pass
+        local = doctor.local_facts(facts["state_dir"] if facts else doctor.DEFAULT_STATE_DIR)
+        found = doctor.checks(facts, local)
+        if self.json:
+            self.emit({"checks": [c.doc() for c in found]})
+        else:
+            self.out.write(doctor.format_checks(found))
+        return 0 if all(c.ok for c in found) else 1
 
     # -- jobs --------------------------------------------------------------------------------------
 
