@@ -29,7 +29,8 @@ class Machine:
     lent_s: float = 0.0
     lending_now: bool = True
     daemon_s: float = 0.0  # the CPU the daemon itself used
-    busy: int = 0  # jiffies each CPU has been busy
+    busy: int = 0  # jiffies each CPU has been busy, at normal priority
+    nice: int = 0  # and at a lowered one
     idle: int = 0
 
     def lent_cpu_seconds(self) -> float:
@@ -45,15 +46,16 @@ class Machine:
         return self.daemon_s
 
     def write(self) -> None:
-        line = f"{self.busy} 0 0 {self.idle} 0 0 0 0 0 0"
+        line = f"{self.busy} {self.nice} 0 {self.idle} 0 0 0 0 0 0"
         (self.root / "proc/stat").write_text(f"cpu  0 0 0 0\ncpu0 {line}\ncpu1 {line}\n")
 
-    def second(self, busy_share: float, lent_cores: float) -> None:
-        """One second passes: both CPUs busy ``busy_share`` of it, ``lent_cores`` cores of which
-        ran lent work."""
+    def second(self, busy_share: float, lent_cores: float, nice_share: float = 0.0) -> None:
+        """One second passes: both CPUs busy ``busy_share`` of it at normal priority and
+        ``nice_share`` at a lowered one, ``lent_cores`` cores of which ran lent work."""
         self.now += 1.0
         self.busy += round(JIFFIES_PER_S * busy_share)
-        self.idle += round(JIFFIES_PER_S * (1 - busy_share))
+        self.nice += round(JIFFIES_PER_S * nice_share)
+        self.idle += round(JIFFIES_PER_S * (1 - busy_share - nice_share))
         self.lent_s += lent_cores
         self.write()
 
@@ -88,6 +90,17 @@ def test_lent_work_is_told_apart_from_the_owners(machine: Machine) -> None:
 
     assert (info.cpu_pct, info.lent_cpu_pct, info.paused) == (100.0, 75.0, "")
     assert info.offer_workers == 2
+
+
+def test_work_another_node_lends_on_these_cpus_is_not_the_owners(machine: Machine) -> None:
+    """Two nodes on one machine share a CPU: what the other runs for its peers, at nice 19, is
+    no reason to pause what this one lends."""
+    watch = sampler(machine)
+    for _ in range(3):
+        machine.second(busy_share=0.1, nice_share=0.9, lent_cores=0.4)
+        info = watch.sample()
+        assert (info.cpu_pct, info.lent_cpu_pct, info.owner_cpu_pct) == (100.0, 20.0, 10.0)
+        assert info.paused == "" and info.offer_workers == 2
 
 
 def test_the_owner_at_the_line_pauses_lent_work_and_the_node_offers_nothing(

@@ -289,8 +289,8 @@ def place(want: Want, here: Candidate, peers: Sequence[Candidate],
             chosen = peer is best
             why = (f"{peer.name} is at {peer.cpu_pct:.0f}% CPU with {peer.free} worker(s) "
                    f"offered: the most spare capacity" if chosen else
-                   f"{peer.name} has less spare capacity ({spare(peer):g} against "
-                   f"{spare(best):g})")
+                   f"{peer.name} has less spare capacity ({spare(peer):.2f} against "
+                   f"{spare(best):.2f} for {best.name})")
             decisions.append(Decision(peer.key, peer.name, spare(peer), chosen, why))
     if local_problem:
         local_why = local_problem

@@ -126,7 +126,9 @@ class Sampler(threading.Thread):
         lent_pct = min(reading.cpu_pct, 100 * (lent - before) / wall) if wall > 0 else 0.0
         own_pct = 100 * (own - own_before) / wall if wall > 0 else 0.0
         lending = self.lent is not None and self.lent.lending()
-        owner = max(0.0, reading.cpu_pct - lent_pct - own_pct)
+        # work at a lowered priority is not the owner's: ours (measured), or that of another
+        # node sharing these CPUs (nice time, as the kernel counts it)
+        owner = max(0.0, reading.cpu_pct - max(lent_pct, reading.nice_pct) - own_pct)
         paused = self.owner_first.update(now, owner, hottest(reading.temps_c), lending)
         return node_info(reading, self.config, self.fingerprint, self.address, lent_pct, paused,
                          owner)

@@ -39,6 +39,7 @@ class Reading:
     supplies: tuple[Supply, ...] = ()
     temps_c: dict[str, float] = field(default_factory=dict)
     gpu: bool = False
+    nice_pct: float = 0.0  # the share of cpu_pct spent at a lowered priority (lent work's)
 
 
 class Sysstat:
@@ -48,7 +49,7 @@ class Sysstat:
         self.root = Path(root)
         self.cpus = frozenset(cpus if cpus is not None else os.sched_getaffinity(0))
         self._last = self._cpu_times()
-        self._pct = 0.0
+        self._pct = self._nice_pct = 0.0
         self._gpu: bool | None = None
 
     def read(self) -> Reading:
@@ -56,6 +57,7 @@ class Sysstat:
         return Reading(
             cores=len(self.cpus),
             cpu_pct=self.cpu_pct(),
+            nice_pct=self._nice_pct,
             mem_available_mb=available,
             mem_total_mb=total,
             supplies=self.power_supplies(),
@@ -72,20 +74,22 @@ class Sysstat:
         useful: the previous figure is kept and the span goes on.
         """
         now = self._cpu_times()
-        busy = total = 0
+        busy = total = nice = 0
         for cpu in self.cpus:
             if cpu in now and cpu in self._last:
-                (b1, t1), (b0, t0) = now[cpu], self._last[cpu]
-                busy += b1 - b0
-                total += t1 - t0
+                (b1, t1, n1), (b0, t0, n0) = now[cpu], self._last[cpu]
+                busy, total, nice = busy + b1 - b0, total + t1 - t0, nice + n1 - n0
         if total >= MIN_JIFFIES * max(1, len(self.cpus)):
             self._last = now
             self._pct = round(100.0 * busy / total, 1)
+            self._nice_pct = round(100.0 * nice / total, 1)
         return self._pct
 
-    def _cpu_times(self) -> dict[int, tuple[int, int]]:
-        """(busy, total) jiffies per CPU from /proc/stat."""
-        times: dict[int, tuple[int, int]] = {}
+    def _cpu_times(self) -> dict[int, tuple[int, int, int]]:
+        """(busy, total, nice) jiffies per CPU from /proc/stat: nice is the time in user mode
+        at a lowered priority, the work run for peers (this node's, or another's on a CPU it
+        shares)."""
+        times: dict[int, tuple[int, int, int]] = {}
         try:
             text = (self.root / "proc/stat").read_text()
         except OSError:
@@ -103,7 +107,7 @@ class Sysstat:
                 continue
             idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
             total = sum(values)
-            times[cpu] = (total - idle, total)
+            times[cpu] = (total - idle, total, values[1])
         return times
 
     # -- memory ------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_exec_runs_in_a_fresh_directory_removed_afterwards(wiring: Wiring, job_i
     assert not os.path.exists(workdir)
 
 
-def test_exec_environment_holds_only_path_home_lang_and_the_job_id(
+def test_exec_environment_holds_only_path_home_lang_the_job_id_and_the_node(
     wiring: Wiring, job_id: str
 ) -> None:
     done = run_exec(wiring, job_id, ["env"])
@@ -175,8 +175,9 @@ def test_exec_environment_holds_only_path_home_lang_and_the_job_id(
     assert done.ok and done.exit_code == 0
     lines = output_of(wiring.autopilot, "t1").decode().splitlines()
     env = dict(line.split("=", 1) for line in lines)
-    assert set(env) == {"PATH", "HOME", "LANG", "VESTA_JOB_ID"}
+    assert set(env) == {"PATH", "HOME", "LANG", "VESTA_JOB_ID", "VESTA_NODE"}
     assert env["VESTA_JOB_ID"] == job_id
+    assert "VESTA_NODE" in env  # the node it runs on (a daemon has its name from its start)
     assert env["PATH"] == os.environ.get("PATH", os.defpath)
 
 

@@ -126,13 +126,13 @@ def test_the_other_node_runs_work_when_this_one_is_busy(daemon_factory: Start) -
     try:
         wait_for(lambda: busy_and_idle(a, "b"), timeout=20, what="a to be busy and b idle")
         done = a.cli("--json", "exec", "--", "sh", "-c",
-                     "echo $VESTA_JOB_ID; grep Cpus_allowed_list /proc/self/status; "
-                     "cut -d' ' -f19 /proc/self/stat")
+                     "echo $VESTA_JOB_ID $VESTA_NODE; grep Cpus_allowed_list /proc/self/status;"
+                     " cut -d' ' -f19 /proc/self/stat")
         assert done.returncode == 0, done.stderr
         result = json.loads(done.stdout)
         assert result["node"] == "b"
-        job_id, cpus, nice = result["stdout"].splitlines()
-        assert job_id == result["job_id"]
+        ids, cpus, nice = result["stdout"].splitlines()
+        assert ids == f"{result['job_id']} b"  # the job, and the node it runs on
         offered = next(p for p in peers(a) if p["name"] == "b")["offer_workers"]
         assert _count_cpus(cpus.split(":")[1].strip()) == offered  # lent: the offered CPUs only
         assert nice.strip() == "19"  # and at the lowest priority

@@ -245,6 +245,7 @@ class Executor(VestaActor):
             pieces = [{"mb": job.mb, "ms": job.ms}]
         elif isinstance(job, ExecJob):
             pieces = [{"argv": job.argv, "timeout": job.timeout, "job_id": run.job_id,
+                       "node": self.node.name if self.node is not None else "",
                        "programs": PROGRAMS_DIR,
                        "cpus": self.lent_cpus() if peer else None}]
         else:

@@ -1,10 +1,12 @@
-"""``vesta-demo``: a real two-node federation on this machine: discovery, spill, and a clean stop.
+"""``vesta-demo``: a real three-node federation on this machine: discovery, a split, a spill,
+an exec on a lender, and a clean stop.
 
-Everything is real: two ``vestad`` processes ("desk" and "pi4") with their own state directories,
-control sockets, identities and ports, sealed links between them, and the ``vesta`` CLI as a user
-would type it. They listen on the loopback address only and find each other through ``-seed``, so
-the demo sends nothing onto the network. Nothing is left behind: both daemons are stopped with
-SIGTERM and their temporary files are removed.
+Everything is real: three ``vestad`` processes ("desk", "laptop" and "pi4") with their own state
+directories, control sockets, identities and ports, sealed links between them, and the ``vesta``
+CLI as a user would type it. They listen on the loopback address only and find each other through
+``-seed``, so the demo sends nothing onto the network. Each runs on CPUs of its own where the
+machine has enough (on two, laptop and pi4 share one), so that stressing desk leaves the others
+free. Nothing is left behind: the daemons are stopped with SIGTERM and their files removed.
 """
 
 from __future__ import annotations
@@ -56,16 +58,6 @@ def _free_port(kind: int) -> int:
         return int(probe.getsockname()[1])
 
 
-def _peers_up(socket_path: str) -> bool:
-    from vesta.client import Client, VestaError
-
-    try:
-        with Client(socket_path, timeout=2) as client:
-            return any(p.get("state") == "up" for p in client.peers())
-    except VestaError:
-        return False
-
-
 def _cpu_pct(socket_path: str) -> float:
     from vesta.client import Client, VestaError
 
@@ -85,14 +77,55 @@ def _until(predicate: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+ROLES = ("desk", "laptop", "pi4")
+
+
+def cpu_groups(cores: list[int]) -> dict[str, set[int]]:
+    """The CPUs of each node: a third of them each where there are three or more; on two, desk
+    has one and laptop and pi4 share the other; on one, they all share it."""
+    if len(cores) >= 3:
+        size, extra = divmod(len(cores), 3)
+        groups, at = {}, 0
+        for i, role in enumerate(ROLES):
+            take = size + (1 if i < extra else 0)
+            groups[role] = set(cores[at:at + take])
+            at += take
+        return groups
+    first, last = {cores[0]}, {cores[-1]}
+    return {"desk": first, "laptop": last, "pi4": last}
+
+
+def _linked(socket_path: str, count: int) -> bool:
+    from vesta.client import Client, VestaError
+
+    try:
+        with Client(socket_path, timeout=2) as client:
+            return sum(p.get("state") == "up" for p in client.peers()) >= count
+    except VestaError:
+        return False
+
+
+def _seen_idle(socket_path: str, name: str) -> bool:
+    """Whether the node on ``socket_path`` sees peer ``name`` below half its CPU."""
+    from vesta.client import Client, VestaError
+
+    try:
+        with Client(socket_path, timeout=2) as client:
+            return any(p["name"] == name and p.get("cpu_pct", 100) < 50 and not p.get("paused")
+                       and p.get("offer_workers", 0) > 0 for p in client.peers())
+    except VestaError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vesta-demo",
-        description="Start two real vestad nodes on this machine (loopback only), show them find "
-        "each other, run jobs that spill from the busy one to the idle one, and stop both "
-        "cleanly, leaving nothing behind.",
+        description="Start three real vestad nodes on this machine (loopback only), show them "
+        "find each other, split a job across them, spill work from a busy node, run a command "
+        "on a lender, and stop them cleanly, leaving nothing behind.",
     )
-    parser.add_argument("--cpu", type=int, default=4, help="size of the cpu job (default 4)")
+    parser.add_argument("--cpu", type=int, default=8,
+                        help="size of the job that splits (default 8: 80 units)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="vesta-demo-"))
@@ -100,24 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     key_file = work / "key"
     key_file.write_text(secrets.token_urlsafe(32) + "\n")
     key_file.chmod(0o600)
-    names = {"desk": f"demo-desk-{tag}", "pi4": f"demo-pi4-{tag}"}
-    ports = {n: (_free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)) for n in names}
-    sockets = {n: f"/tmp/vestad-{names[n]}.sock" for n in names}
-    # on a machine with several cores each node gets its own half, as two machines would
-    cores = sorted(os.sched_getaffinity(0))
-    half = max(1, len(cores) // 2)
-    pins = {"desk": set(cores[:half]), "pi4": set(cores[half:]) or set(cores)}
+    names = {role: f"demo-{role}-{tag}" for role in ROLES}
+    ports = {r: (_free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_DGRAM)) for r in ROLES}
+    sockets = {role: f"/tmp/vestad-{names[role]}.sock" for role in ROLES}
+    pins = cpu_groups(sorted(os.sched_getaffinity(0)))
     daemons: dict[str, subprocess.Popen[bytes]] = {}
-    for role, other in (("desk", "pi4"), ("pi4", "desk")):
+    for role in ROLES:
         log = work / f"{role}.log"
+        seeds = ",".join(f"127.0.0.1:{ports[other][1]}" for other in ROLES if other != role)
         extra = ["-allow-exec"] if role == "pi4" else []
-        _say(f"starting vestad -name {names[role]} (log: {log})")
+        _say(f"starting vestad -name {names[role]} on CPU {','.join(map(str, sorted(pins[role])))}"
+             f" (log: {log})")
         with log.open("wb") as out:
             daemons[role] = subprocess.Popen(
                 [sys.executable, "-m", "vesta.apps.vestad", "-name", names[role], "-key-file",
                  str(key_file), "-state-dir", str(work / role), "-socket", sockets[role],
                  "-bind", "127.0.0.1", "-port", str(ports[role][0]), "-dport",
-                 str(ports[role][1]), "-seed", f"127.0.0.1:{ports[other][1]}", *extra],
+                 str(ports[role][1]), "-seed", seeds, "-advertise-spare", "500", *extra],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=partial(os.sched_setaffinity, 0, pins[role]),
             )
@@ -129,49 +161,54 @@ def main(argv: list[str] | None = None) -> int:
                 print((work / f"{role}.log").read_text(errors="replace"), file=sys.stderr)
                 print(f"vesta-demo: {role} did not come up", file=sys.stderr)
                 return 1
-        _say("the two nodes find each other (sealed beacons, then a sealed link)")
-        if not _until(lambda: _peers_up(desk) and _peers_up(sockets["pi4"]), timeout=10):
-            print("vesta-demo: the nodes did not link", file=sys.stderr)
+        _say("the three nodes find each other (sealed beacons, then sealed links)")
+        if not _until(lambda: all(_linked(sockets[r], 2) for r in ROLES), timeout=15):
+            print("vesta-demo: the nodes did not all link", file=sys.stderr)
             failures += 1
         failures += _vesta(desk, "peers") != 0
-        _until(lambda: _cpu_pct(desk) < 50, timeout=10)  # the start-up load passes
-        _say(f"an idle desk keeps its own work: {args.cpu} million SHA-256 iterations")
+        _until(lambda: all(_cpu_pct(sockets[r]) < 50 for r in ROLES), timeout=15)
+        _say(f"a job large enough to split: {args.cpu} million SHA-256 iterations, handed out "
+             "in chunks as each node finishes its last")
         failures += _vesta(desk, "cpu", str(args.cpu)) != 0
-        _say("desk gets busy: vesta stress pins its cores for 30 s")
+        _say("where each part ran, and why")
+        failures += _vesta(desk, "why") != 0
+        _say("desk gets busy: vesta stress pins its CPUs for 30 s")
         failures += _vesta(desk, "stress", "0", "30") != 0
         _until(lambda: _cpu_pct(desk) >= 80, timeout=10)
-        _say("now the same job spills to the idle peer, with the same digest")
-        failures += _vesta(desk, "cpu", str(args.cpu)) != 0
-        _say("a command runs on the peer too: piwork estimates pi and says which host ran it")
-        piwork = "piwork" if shutil.which("piwork") else None
-        if piwork:
-            failures += _vesta(desk, "exec", "--", "piwork", "2") != 0
-        else:
-            failures += _vesta(desk, "exec", "--", sys.executable, "-m", "piwork", "2") != 0
+        _say("a small job now spills from the busy desk to an idle peer, with the same digest")
+        failures += _vesta(desk, "cpu", "2") != 0
+        failures += _vesta(desk, "why") != 0
+        _until(lambda: _seen_idle(desk, names["pi4"]), timeout=10)  # laptop's job has ended
+        _say("a command goes only where commands are allowed (pi4), and says where it ran")
+        failures += _vesta(desk, "exec", "--", "sh", "-c", 'echo "hello from $VESTA_NODE"') != 0
+        failures += _vesta(desk, "why") != 0
         failures += _vesta(desk, "stop-stress") != 0
-        _until(lambda: _cpu_pct(desk) < 50, timeout=10)
-        _say("a command that fails keeps its exit status")
-        status = _vesta(desk, "exec", "--", "sh", "-c", "echo about to fail >&2; exit 3")
-        print(f"(exit status {status})")
-        failures += status != 3
     finally:
-        _say("stopping both nodes with SIGTERM")
-        codes = {}
-        for daemon in daemons.values():
-            daemon.send_signal(signal.SIGTERM)
-        for role, daemon in daemons.items():
-            try:
-                codes[role] = daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                codes[role] = daemon.wait()
-            print(f"{role}: vestad exited with status {codes[role]}; control socket removed: "
-                  f"{not os.path.exists(sockets[role])}")
+        failures += _stop(daemons, sockets)
         shutil.rmtree(work, ignore_errors=True)
     if failures:
         print(f"vesta-demo: {failures} step(s) failed", file=sys.stderr)
         return 1
-    return 0 if all(code == 0 for code in codes.values()) else 1
+    _say("done: every node stopped, nothing left behind")
+    return 0
+
+
+def _stop(daemons: dict[str, subprocess.Popen[bytes]], sockets: dict[str, str]) -> int:
+    """SIGTERM every node, wait for each; the number that did not stop cleanly."""
+    _say("stopping every node with SIGTERM")
+    for daemon in daemons.values():
+        daemon.send_signal(signal.SIGTERM)
+    failed = 0
+    for role, daemon in daemons.items():
+        try:
+            code = daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            code = daemon.wait()
+        gone = not os.path.exists(sockets[role])
+        print(f"{role}: vestad exited with status {code}; control socket removed: {gone}")
+        failed += code != 0 or not gone
+    return failed
 
 
 if __name__ == "__main__":

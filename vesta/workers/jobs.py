@@ -483,6 +483,7 @@ def _exec_in(conn: Connection, params: dict[str, Any], workdir: str) -> Result:
         "HOME": os.environ.get("HOME", workdir),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "VESTA_JOB_ID": params["job_id"],
+        "VESTA_NODE": params.get("node", ""),  # the node it runs on (a vesta in it talks there)
     }
     # the lender's PATH, then the directory of vesta's own programs (piwork lives beside vestad)
     search = os.pathsep.join(p for p in (env["PATH"], params.get("programs", "")) if p)
