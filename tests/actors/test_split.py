@@ -297,6 +297,16 @@ def test_an_exec_without_retry_waits_for_its_paused_lender() -> None:
 # -- straggler insurance ---------------------------------------------------------------------------
 
 
+def desk_does_the_rest(pool: Pool) -> None:
+    """desk, at 100 units a second, finishes all it is handed, at once, until it has nothing."""
+    for _ in range(100):
+        here = [run for k, run in pool.pending() if k == HERE]
+        if not here:
+            return
+        for run in here:
+            pool.finish(run, seconds=(run.end - run.start) / 100)
+
+
 def test_the_last_part_on_a_slow_node_runs_again_where_it_ends_sooner_and_the_first_counts(
 ) -> None:
     pool = Pool.of({"pi4": 4})
@@ -305,12 +315,7 @@ def test_the_last_part_on_a_slow_node_runs_again_where_it_ends_sooner_and_the_fi
     ((key, slow),) = [(k, r) for k, r in pool.pending() if k != HERE]
     assert slow.end - slow.start == 4 * FIRST_CHUNK_PER_WORKER  # pi4's first chunk, 4 workers
     job.rates[key] = 1.0  # pi4 turned out slow: a unit a second
-    for _ in range(100):  # desk, at 100 units a second, does everything else at once
-        here = [run for k, run in pool.pending() if k == HERE]
-        if not here:
-            break
-        for run in here:
-            pool.finish(run, seconds=(run.end - run.start) / 100)
+    desk_does_the_rest(pool)
 
     runs = [m for m in pool.executor.messages if isinstance(m, RunTask)]
     assert (runs[-1].start, runs[-1].end) == (slow.start, slow.end)  # desk ran pi4's part too
@@ -337,12 +342,7 @@ def test_a_node_that_slowed_down_after_it_was_measured_is_insured_by_what_its_pa
     job.rates[key] = 100.0
     job.parts[slow.task_id].started -= 2.0
     pool.tell(TaskUnits(slow.task_id, {slow.start: result_of(slow.start)}))
-    for _ in range(100):
-        here = [run for k, run in pool.pending() if k == HERE]
-        if not here:
-            break
-        for run in here:
-            pool.finish(run, seconds=(run.end - run.start) / 100)
+    desk_does_the_rest(pool)
 
     runs = [m for m in pool.executor.messages if isinstance(m, RunTask)]
     assert (runs[-1].start, runs[-1].end) == (slow.start + 1, slow.end)  # its unfinished end
