@@ -140,7 +140,7 @@ class Transport(VestaActor):
             case LinkDown():
                 self.link_down(message)
             case LinkRefused():
-                self.links.discovery.tell(message)
+                tell_quietly(self.links.discovery, message)
             case LinkMessage(fingerprint=fp, conn_id=conn_id):  # from a link never routed
                 peer = self.peers.get(fp)
                 if peer is not None and peer.link is not None and (
@@ -221,7 +221,7 @@ class Transport(VestaActor):
         peer.link.tell(up)
         self.route(up.conn_id, peer.link)
         self.links.peer_links[fp] = peer.link
-        self.links.discovery.tell(PeerLinked(fp, True, up.version))
+        tell_quietly(self.links.discovery, PeerLinked(fp, True, up.version))
         logger.info("linked with %s (%s, protocol %d)", fp, up.host, up.version)
 
     def link_down(self, down: LinkDown) -> None:
@@ -236,12 +236,12 @@ class Transport(VestaActor):
         logger.info("link with %s down: %s", down.fingerprint, down.reason)
         self.links.peer_links.pop(down.fingerprint, None)
         link = peer.link
-        link.tell(down)
+        tell_quietly(link, down)
         self.lingering = [old for old in self.lingering if old.is_alive()]
         self.lingering.append(link)
         self.loop.call_later(LINGER_S, lambda: link.stop(block=False))
         peer.link, peer.conn_id = None, 0
-        self.links.discovery.tell(PeerLinked(down.fingerprint, False, reason=down.reason))
+        tell_quietly(self.links.discovery, PeerLinked(down.fingerprint, False, reason=down.reason))
 
     def route(self, conn_id: int, link: pykka.ActorRef[Any]) -> None:
         """Have a link's channel hand the peer's messages to its PeerLink from now on."""
@@ -257,7 +257,8 @@ class Transport(VestaActor):
             peer.link.tell(ForPeer(fp, msg))
             return
         if isinstance(msg, RunTask):  # the link went away before the task could leave
-            self.links.autopilot.tell(TaskDone(msg.task_id, False, 0.0, exits.NOT_RUN,
-                                               "the link to that node is down", lost=True))
+            tell_quietly(self.links.autopilot, TaskDone(
+                msg.task_id, False, 0.0, exits.NOT_RUN, "the link to that node is down",
+                lost=True))
         elif not isinstance(msg, CancelTask | PeerHello | PeerLeaving):
             logger.debug("no link to %s for %s", fp, msg.tag)
