@@ -241,8 +241,8 @@ def test_a_viable_peer_not_chosen_gives_both_spares() -> None:
     a = next(d for d in decisions if d.name == "a")
     assert not a.chosen
     assert "less spare capacity" in a.reason
-    assert f"{spare(peer('a', free=1)):g}" in a.reason
-    assert f"{spare(peer('b', free=3)):g}" in a.reason
+    assert f"{spare(peer('a', free=1)):.2f}" in a.reason
+    assert f"{spare(peer('b', free=3)):.2f} for b" in a.reason
 
 
 # -- unable and spare -----------------------------------------------------------------------------
