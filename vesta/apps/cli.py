@@ -51,12 +51,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from docopt import DocoptExit, docopt
 
 from vesta import __version__, exits
+from vesta.apps import Interrupted, signals_interrupt
 from vesta.client import Client, DaemonUnreachable, UsageError, VestaError, find_socket
 from vesta.messages import (
     AnyJob,
@@ -124,38 +125,9 @@ def _usage_problem(words: list[str]) -> str:
     return "those arguments do not fit any command"
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP while a job runs: handled as Ctrl-C is, but exits 128+N."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
 def _interrupted_status(exc: KeyboardInterrupt) -> int:
     """130 for Ctrl-C, 128+N for signal N, as shells report a process ended by a signal."""
     return exits.killed_by(exc.signum) if isinstance(exc, Interrupted) else exits.CANCELLED
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """While a job runs, SIGTERM and SIGHUP raise :class:`Interrupted` as Ctrl-C raises
-    KeyboardInterrupt, so the job is cancelled everywhere and the progress line finished. A
-    signal ignored on purpose (``nohup``) stays ignored."""
-
-    def interrupt(signum: int, _frame: object) -> None:
-        raise Interrupted(signum)
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                previous[sig] = signal.signal(sig, interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _tell(text: str) -> None:
@@ -285,7 +257,7 @@ class Command:
 
     def submit(self, job: AnyJob) -> int:
         view = JobView(job, self.json, sys.stderr)
-        with self.connect() as client, _signals_interrupt():
+        with self.connect() as client, signals_interrupt():
             try:
                 for event in client.submit(job, view.tick):
                     view.show(event)
