@@ -93,10 +93,12 @@ class Daemon:
 
 
 def sigint_as_in_a_shell() -> None:
-    """In a child, before exec: SIGINT back to its default, as for a foreground job at a
-    terminal. A test run started in the background has SIGINT ignored, and a child inherits
-    that, so a test that presses Ctrl-C would press it in vain."""
+    """In a child, before exec: SIGINT and SIGHUP back to their defaults, as for a foreground
+    job at a terminal. A test run started in the background has SIGINT ignored, and one started
+    with ``nohup`` SIGHUP; a child inherits that, so a test that presses Ctrl-C or hangs up
+    would do so in vain."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def free_port(kind: int) -> int:
