@@ -392,6 +392,13 @@ class DoctorRequest(Message, scope=Scope.CONTROL):
     the beacons, seeds and clock jumps it has seen."""
 
 
+class LentFlows(Message):
+    """Executor -> Autopilot: the parts this node runs for peers now (``status``'s flows, seen
+    from the lender), on each start and end and at most twice a second as units finish."""
+
+    flows: list[dict[str, Any]]
+
+
 class OutputAck(Message):
     """Control -> Autopilot: ``size`` more bytes of a job's output went into its client's socket,
     so that much more may come (the credit window that keeps a job's output from piling up

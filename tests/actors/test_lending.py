@@ -34,6 +34,7 @@ from vesta.messages import (
     ForPeer,
     LedgerSnapshot,
     LendTask,
+    LentFlows,
     Message,
     RunTask,
     TaskDone,
@@ -109,7 +110,7 @@ def test_an_allowed_exec_runs_and_reports_to_the_peer_under_its_own_task_id(
     assert to_peer(wiring, TaskOutput, "t1") == TaskOutput("t1", "stdout", b"hi\n")
     done = to_peer(wiring, TaskDone, "t1")
     assert done.ok and done.exit_code == 0 and not done.refused and not done.cancelled
-    wiring.autopilot.expect_none(object, after=[ref])
+    wiring.autopilot.expect_none(object, lambda m: not isinstance(m, LentFlows), after=[ref])
     lent_id = lent_task_id(PEER, "t1")
     assert not [m for m in wiring.transport.all(ForPeer)
                 if getattr(m.msg, "task_id", "") == lent_id]
@@ -224,6 +225,22 @@ def test_a_lent_task_is_charged_to_its_peer_with_the_cpu_its_processes_used(
     charge = wiring.ledger.expect(Charge)
     assert charge == Charge(PEER, "borrower", True, done.cpu_s, 0.0)
     assert 0.3 <= done.cpu_s < 0.3 + 2.0  # the command's CPU, its interpreter's start included
+
+
+def test_what_is_lent_is_told_to_the_autopilot_as_flows_while_it_runs(
+    wiring: Wiring, job_id: str,
+) -> None:
+    ref = start_lender(wiring)
+    lend(ref, "t1", CpuJob(1), job_id)
+
+    started = wiring.autopilot.expect(LentFlows, lambda m: bool(m.flows)).flows
+    assert [{k: f[k] for k in ("job_id", "from", "to", "units", "paused")} for f in started] == [
+        {"job_id": job_id, "from": "borrower", "to": "n1", "units": 5000, "paused": False}]
+    going = wiring.autopilot.expect(LentFlows, lambda m: bool(m.flows)
+                                    and m.flows[0]["units_done"] > 0).flows
+    assert going[0]["rate"] > 0
+    ref.tell(CancelTask(lent_task_id(PEER, "t1")))
+    assert wiring.autopilot.expect(LentFlows, lambda m: not m.flows).flows == []
 
 
 def test_lent_work_pauses_for_the_owner_and_the_peer_is_told(

@@ -50,6 +50,7 @@ from vesta.messages import (
     JobProgress,
     JobStarted,
     LedgerSnapshot,
+    LentFlows,
     MemJob,
     Message,
     NodeInfo,
@@ -183,6 +184,7 @@ class Autopilot(VestaActor):
         self.draining = False
         self.stress = StressState(0)
         self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
+        self.lent_flows: list[dict[str, Any]] = []  # what this node runs for peers (Executor)
         self._task_ids = itertools.count(1)
 
     @staticmethod
@@ -210,6 +212,8 @@ class Autopilot(VestaActor):
                 self.stress = message
             case LedgerSnapshot(book=book):
                 self.ledger = book
+            case LentFlows(flows=flows):
+                self.lent_flows = flows
             case Woke(slept_s=slept):
                 self.event("suspend", self.config.name, f"this node was suspended for "
                            f"{slept:.0f} s; its lent work ended, its links are checked afresh")
@@ -305,8 +309,9 @@ class Autopilot(VestaActor):
         }
 
     def flows(self) -> list[dict[str, Any]]:
-        """The parts running now on other nodes than this one: units done of how many, and the
-        rate so far in units a second (0 while paused for the lender's owner)."""
+        """The parts running now between this node and others, both ways: this node's jobs on
+        peers, and what it runs for peers (as its Executor last told); units done of how many,
+        and the rate so far in units a second (0 while paused for the lender's owner)."""
         flows = []
         now = time.monotonic()
         for job in self.jobs.values():
@@ -321,7 +326,7 @@ class Autopilot(VestaActor):
                                   "to": part.name, "units_done": lease.done,
                                   "units": lease.size, "rate": round(rate, 2),
                                   "paused": part.paused_since is not None})
-        return flows
+        return flows + self.lent_flows
 
     def event(self, kind: str, node: str, detail: str, job: _Job | None = None) -> None:
         """Something ``status`` lists among the recent events; with ``job``, ``vesta why``

@@ -34,6 +34,7 @@ from vesta.messages import (
     ExecJob,
     LedgerSnapshot,
     LendTask,
+    LentFlows,
     MemJob,
     Message,
     NodeInfo,
@@ -58,6 +59,9 @@ from vesta.workers.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
+#: Seconds at least between two reports of the lent flows while only units finish.
+FLOWS_EVERY_S = 0.5
+
 #: Where this installation's programs are: exec looks there after PATH, so that
 #: ``vesta exec -- ./piwork`` finds the piwork installed beside vestad.
 PROGRAMS_DIR = os.path.dirname(sys.executable)
@@ -76,6 +80,7 @@ class _Task:
     peer_task: str = ""  # the id that peer gave it
     booked: int = 0  # lent workers it holds
     cpu_s: float = 0.0  # what its finished pieces used
+    units_done: int = 0  # units of a cpu task finished so far
 
 
 class Executor(VestaActor):
@@ -93,6 +98,7 @@ class Executor(VestaActor):
         self.goodwill_core_s = goodwill_core_s
         self.ledger: dict[str, dict[str, Any]] = {}  # the Ledger's latest snapshot
         self.paused = ""  # why work lent here is paused for the owner now; "" while it runs
+        self.flows_told = 0.0  # when the Autopilot was last told the lent flows
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
         self.tasks: dict[str, _Task] = {}
         self.owner: dict[str, str] = {}  # worker id -> task id
@@ -204,6 +210,8 @@ class Executor(VestaActor):
                     self.supervisor.resume(worker)
             self.links.to_peer(task.peer, TaskPaused(task.peer_task, why))
         lent = sum(1 for task in self.tasks.values() if task.peer)
+        if lent:
+            self.tell_flows()
         if why:
             logger.info("lent work paused for the owner (%d task(s) now): %s", lent, why)
         else:
@@ -253,6 +261,8 @@ class Executor(VestaActor):
         task = _Task(run, set(), time.monotonic(), peer=peer, peer_name=peer_name,
                      peer_task=peer_task, booked=len(pieces) if peer else 0)
         self.tasks[run.task_id] = task
+        if peer:
+            self.tell_flows()
         for params in pieces:
             worker = f"w{next(self._ids)}"
             task.workers.add(worker)
@@ -273,6 +283,9 @@ class Executor(VestaActor):
         if task is None:
             return
         self.report(task, TaskUnits(task.peer_task or task.run.task_id, units))
+        task.units_done += len(units)
+        if task.peer and time.monotonic() - self.flows_told >= FLOWS_EVERY_S:
+            self.tell_flows()
 
     def on_exit(self, exited: WorkerExited) -> None:
         if exited.worker in self.stress_workers:
@@ -294,8 +307,26 @@ class Executor(VestaActor):
         if not task.workers:
             self.finish(task)
 
+    def tell_flows(self) -> None:
+        """Tell the Autopilot what this node runs for peers now, for ``status``."""
+        now = self.flows_told = time.monotonic()
+        name = self.node.name if self.node is not None else ""
+        flows = []
+        for task in self.tasks.values():
+            if not task.peer:
+                continue
+            run, ran = task.run, now - task.started
+            units = run.end - run.start if isinstance(run.job, CpuJob) else 1
+            flows.append({"job_id": run.job_id, "from": task.peer_name, "to": name,
+                          "units_done": task.units_done, "units": units,
+                          "rate": round(task.units_done / ran, 2) if ran > 0 else 0.0,
+                          "paused": bool(self.paused)})
+        tell_quietly(self.links.autopilot, LentFlows(flows))
+
     def finish(self, task: _Task) -> None:
         del self.tasks[task.run.task_id]
+        if task.peer:
+            self.tell_flows()
         seconds = round(time.monotonic() - task.started, 3)
         code, error = task.errors[0] if task.errors else (0, "")
         # an exec command's own status is its result: only an error text means it did not run
