@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from vesta import doctor
 from vesta.doctor import Check, checks, format_checks, key_facts, local_facts, path_modes
 
 
@@ -129,7 +130,21 @@ def test_a_systemd_user_unit_is_checked() -> None:
         assert words in check.detail
     assert "loginctl enable-linger" in check.fix
     good = {**bad, "program_exists": True, "args": ["-key-file", "/k"], "linger": True}
-    assert verdict(checks(healthy(), {**LOCAL, "unit": good}), "systemd").ok
+    hinted = verdict(checks(healthy(), {**LOCAL, "unit": good}), "systemd")
+    assert hinted.ok and "KillMode=mixed" in hinted.fix and "Delegate=yes" in hinted.fix
+    best = {**good, "kill_mode": "mixed", "delegate": "yes"}
+    assert verdict(checks(healthy(), {**LOCAL, "unit": best}), "systemd").fix == ""
+
+
+def test_a_user_unit_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    unit = tmp_path / "vestad.service"
+    unit.write_text("[Service]\nExecStart=%h/.local/bin/vestad -name %H -key-file %h/k\n"
+                    "KillMode=mixed\nDelegate=yes\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    facts = doctor._unit_facts(unit)
+    assert facts["program"] == f"{tmp_path}/.local/bin/vestad" and not facts["program_exists"]
+    assert facts["args"] == ["-name", "%H", "-key-file", "%h/k"]
+    assert (facts["kill_mode"], facts["delegate"]) == ("mixed", "yes")
 
 
 def test_key_facts_never_carry_the_key(tmp_path: Path) -> None:

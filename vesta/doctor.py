@@ -137,10 +137,12 @@ def _free(kind: int, port: int) -> bool:
 
 def _unit_facts(unit: Path) -> dict[str, Any]:
     """What a systemd user unit for vestad says: its program and arguments; lingering."""
-    start = ""
+    start, settings = "", {}
     for line in unit.read_text(errors="replace").splitlines():
-        if line.strip().startswith("ExecStart="):
-            start = line.split("=", 1)[1].strip()
+        key, sep, value = line.strip().partition("=")
+        if sep and key in ("ExecStart", "KillMode", "Delegate"):
+            settings[key] = value.strip()
+    start = settings.get("ExecStart", "")
     try:
         argv = shlex.split(start)
     except ValueError:
@@ -150,7 +152,9 @@ def _unit_facts(unit: Path) -> dict[str, Any]:
     user = os.environ.get("USER") or Path.home().name
     return {"path": str(unit), "program": program, "program_exists": bool(program) and (
         os.access(program, os.X_OK)), "args": argv[1:],
-        "linger": Path("/var/lib/systemd/linger", user).exists()}
+        "linger": Path("/var/lib/systemd/linger", user).exists(),
+        "kill_mode": settings.get("KillMode", "control-group"),
+        "delegate": settings.get("Delegate", "no")}
 
 
 # -- the verdicts ------------------------------------------------------------------------------
@@ -343,7 +347,13 @@ def _unit(unit: dict[str, Any]) -> Check:
     if problems:
         return Check("systemd", False, f"{unit['path']}: " + "; ".join(problems),
                      "; ".join(fixes))
-    return Check("systemd", True, f"{unit['path']} starts {unit['program']}, lingering is on")
+    hints = []
+    if unit.get("kill_mode", "control-group") != "mixed":
+        hints.append("KillMode=mixed (so that a stop gives local jobs their grace)")
+    if unit.get("delegate", "no").lower() not in ("yes", "true", "1"):
+        hints.append("Delegate=yes (a cgroup for each job process)")
+    return Check("systemd", True, f"{unit['path']} starts {unit['program']}, lingering is on",
+                 "add " + " and ".join(hints) if hints else "")
 
 
 def format_checks(found: list[Check], mark: Callable[[bool], str] | None = None) -> str:
