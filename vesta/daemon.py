@@ -38,7 +38,7 @@ from vesta.statefiles import StateFileError, next_boot
 from vesta.sysstat import Sysstat, primary_ipv4
 from vesta.transport.crypto import FederationKeys
 from vesta.transport.loop import IoLoop
-from vesta.workers.supervisor import open_job_space, stop_job_servers
+from vesta.workers.supervisor import open_job_space, servers_cpu_seconds, stop_job_servers
 
 logger = logging.getLogger("vesta.daemon")
 
@@ -110,7 +110,8 @@ def run(config: Any) -> int:
     sysstat = Sysstat()
     address = config.advertise or config.bind or primary_ipv4() or "127.0.0.1"
     sampler = Sampler(sysstat, config, identity.fingerprint, address,
-                      config.advertise_spare_ms / 1000)
+                      config.advertise_spare_ms / 1000,
+                      own_cpu=lambda: time.process_time() + servers_cpu_seconds())
     try:
         keys = FederationKeys.derive(config.key)  # stretched once: about 0.1 s
         node = sampler.sample()

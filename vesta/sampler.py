@@ -124,7 +124,8 @@ class Sampler(threading.Thread):
         self._lent_mark = (now, lent, own)
         wall = (now - then) * max(1, reading.cores)
         lent_pct = min(reading.cpu_pct, 100 * (lent - before) / wall) if wall > 0 else 0.0
-        own_pct = 100 * (own - own_before) / wall if wall > 0 else 0.0
+        # (a fork server started again counts from nothing: never less than none)
+        own_pct = max(0.0, 100 * (own - own_before) / wall) if wall > 0 else 0.0
         lending = self.lent is not None and self.lent.lending()
         # work at a lowered priority is not the owner's: ours (measured), or that of another
         # node sharing these CPUs (nice time, as the kernel counts it)

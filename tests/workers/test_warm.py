@@ -76,6 +76,21 @@ def test_an_exec_worker_runs_the_next_command_in_a_fresh_directory_and_its_own_c
         assert not cgroup.exists(), "removed once its process ended"
 
 
+def test_the_fork_servers_cpu_is_counted_as_the_daemons_own(
+    start: Callable[..., tuple[Supervisor, Reports]],
+) -> None:
+    """The fork server's start and each fork cost CPU outside the daemon's own process: the
+    sampler counts it as the daemon's, not as its owner's load."""
+    sup, reports = start()
+    run_exec(sup, reports, "w1", "true")
+    before = supervisor.servers_cpu_seconds()
+    assert before > 0
+    for i in range(20):  # each in a new job process: forked by the server
+        sup.start_worker(f"s{i}", "stress", {"seconds": 0.01}, False)
+        reports.exit_of(f"s{i}")
+    assert supervisor.servers_cpu_seconds() >= before
+
+
 def test_a_program_the_kernel_cannot_execute_is_not_executable(
     start: Callable[..., tuple[Supervisor, Reports]], tmp_path: Path
 ) -> None:

@@ -113,6 +113,29 @@ def stop_job_servers() -> None:
                 logger.debug("stopping %s: %s", type(server).__name__, exc)
 
 
+def servers_cpu_seconds() -> float:
+    """CPU seconds the fork server and multiprocessing's resource tracker have used: the
+    daemon's own work (the fork server's start, a job process's fork), neither its owner's nor
+    lent. 0.0 for one not running."""
+    from multiprocessing import forkserver, resource_tracker
+
+    total = 0.0
+    for pid in (getattr(forkserver._forkserver, "_forkserver_pid", None),
+                getattr(resource_tracker._resource_tracker, "_pid", None)):
+        if not pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    return total
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class JobSpace:
     """The places one node's job processes live in: claimed at start, released at a clean exit.
