@@ -158,3 +158,13 @@ def test_a_running_job_is_explained_too() -> None:
     pool.tell(TaskUnits(run.task_id, {run.start: result_of(run.start)}))
     doc = why(pool)
     assert "result" not in doc and nodes(doc)["pi4"]["decision"] == "chosen"
+
+
+def test_a_job_still_in_the_queue_is_said_to_wait() -> None:
+    pool = Pool.of({})  # one worker here, no peer
+    pool.submit(CpuJob(1))
+    pool.submit(CpuJob(1))  # waits for the first
+    pool.tell(ClientRequest(CLIENT, WhyRequest()))
+    reply = pool.clients.messages[-1].msg
+    assert isinstance(reply, ErrorReply) and reply.code == "not_placed"
+    assert reply.error.endswith("waits in the queue: no node has been chosen for it yet")

@@ -331,10 +331,10 @@ class Autopilot(VestaActor):
     def event(self, kind: str, node: str, detail: str, job: _Job | None = None) -> None:
         """Something ``status`` lists among the recent events; with ``job``, ``vesta why``
         lists it for that job too (``job_event``)."""
-        entry = {"at": round(time.time(), 3), "kind": kind, "node": node, "detail": detail}
-        self.events.append(entry)
-        if job is not None and job.why is not None:
-            job.why["events"].append(entry)
+        self.events.append({"at": round(time.time(), 3), "kind": kind, "node": node,
+                            "detail": detail})
+        if job is not None:
+            self.job_event(job, kind, node, detail)
 
     @staticmethod
     def job_event(job: _Job, kind: str, node: str, detail: str) -> None:
@@ -366,7 +366,11 @@ class Autopilot(VestaActor):
                 self.to_client(client, PeersReply(self.peer_docs()))
             case WhyRequest(job_id=job_id):
                 why = self.whys.get(job_id or self.last_job)
-                if why is None:
+                if why is None and (job_id or self.last_job) in self.jobs:
+                    self.to_client(client, ErrorReply("not_placed", (
+                        f"job {job_id or self.last_job} waits in the queue: no node has been "
+                        "chosen for it yet")))
+                elif why is None:
                     self.to_client(client, ErrorReply("unknown_job", (
                         f"no job {job_id} is known here" if job_id else
                         "no job was submitted to this node since it started")
