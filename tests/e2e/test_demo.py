@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import glob
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -60,3 +62,47 @@ def test_the_demo_shows_the_federation_work_and_leaves_nothing_behind() -> None:
     after = set(glob.glob("/tmp/vestad-demo-*")) | set(glob.glob("/tmp/vesta-demo-*"))
     assert after <= before, after - before
     assert not demo_processes()
+
+
+def started_demo() -> subprocess.Popen[str]:
+    """The demo, once its three nodes have started and it waits for them to link."""
+    demo = subprocess.Popen([sys.executable, "-m", "vesta.apps.demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=python_env(),
+                            stdin=subprocess.DEVNULL)
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        if "the three nodes find each other" in line:
+            break
+    assert len(demo_processes()) == 3
+    return demo
+
+
+def test_a_demo_stopped_with_sigterm_stops_its_nodes_and_leaves_nothing() -> None:
+    before = set(glob.glob("/tmp/vestad-demo-*")) | set(glob.glob("/tmp/vesta-demo-*"))
+    demo = started_demo()
+    demo.send_signal(signal.SIGTERM)
+    out, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 128 + signal.SIGTERM, out
+    assert "vesta-demo: interrupted" in out
+    assert not demo_processes()
+    after = set(glob.glob("/tmp/vestad-demo-*")) | set(glob.glob("/tmp/vesta-demo-*"))
+    assert after <= before, after - before
+
+
+def test_a_demo_killed_with_sigkill_still_has_its_nodes_stop() -> None:
+    """Nobody is left to stop the nodes: each asked the kernel for SIGTERM when the demo dies,
+    and stops as cleanly as on any SIGTERM (its control socket removed)."""
+    before = set(glob.glob("/tmp/vestad-demo-*.sock"))
+    works = set(glob.glob("/tmp/vesta-demo-*"))
+    demo = started_demo()
+    nodes = demo_processes()
+    demo.kill()
+    demo.communicate(timeout=10)
+    _gone, alive = psutil.wait_procs(nodes, timeout=30)
+    for proc in alive:
+        proc.kill()
+    assert not alive
+    assert set(glob.glob("/tmp/vestad-demo-*.sock")) <= before
+    # the demo's own directory stays (its nodes' state and logs): it had no time to remove it
+    for work in set(glob.glob("/tmp/vesta-demo-*")) - works:
+        shutil.rmtree(work, ignore_errors=True)

@@ -23,8 +23,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
+
+from vesta import exits
+from vesta.apps import Interrupted, signals_interrupt
+from vesta.workers.jobs import die_with_parent
 
 
 def _say(text: str) -> None:
@@ -138,59 +141,87 @@ def main(argv: list[str] | None = None) -> int:
     sockets = {role: f"/tmp/vestad-{names[role]}.sock" for role in ROLES}
     pins = cpu_groups(sorted(os.sched_getaffinity(0)))
     daemons: dict[str, subprocess.Popen[bytes]] = {}
-    for role in ROLES:
-        log = work / f"{role}.log"
-        seeds = ",".join(f"127.0.0.1:{ports[other][1]}" for other in ROLES if other != role)
-        extra = ["-allow-exec"] if role == "pi4" else []
-        _say(f"starting vestad -name {names[role]} on CPU {','.join(map(str, sorted(pins[role])))}"
-             f" (log: {log})")
-        with log.open("wb") as out:
-            daemons[role] = subprocess.Popen(
-                [sys.executable, "-m", "vesta.apps.vestad", "-name", names[role], "-key-file",
-                 str(key_file), "-state-dir", str(work / role), "-socket", sockets[role],
-                 "-bind", "127.0.0.1", "-port", str(ports[role][0]), "-dport",
-                 str(ports[role][1]), "-seed", seeds, "-advertise-spare", "500", *extra],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=partial(os.sched_setaffinity, 0, pins[role]),
-            )
-    desk = sockets["desk"]
-    failures = 0
+    code = 0
     try:
-        for role, daemon in daemons.items():
-            if not _wait_for_socket(daemon, sockets[role], timeout=30):
-                print((work / f"{role}.log").read_text(errors="replace"), file=sys.stderr)
-                print(f"vesta-demo: {role} did not come up", file=sys.stderr)
-                return 1
-        _say("the three nodes find each other (sealed beacons, then sealed links)")
-        if not _until(lambda: all(_linked(sockets[r], 2) for r in ROLES), timeout=15):
-            print("vesta-demo: the nodes did not all link", file=sys.stderr)
-            failures += 1
-        failures += _vesta(desk, "peers") != 0
-        _until(lambda: all(_cpu_pct(sockets[r]) < 50 for r in ROLES), timeout=15)
-        _say(f"a job large enough to split: {args.cpu} million SHA-256 iterations, handed out "
-             "in chunks as each node finishes its last")
-        failures += _vesta(desk, "cpu", str(args.cpu)) != 0
-        _say("where each part ran, and why")
-        failures += _vesta(desk, "why") != 0
-        _say("desk gets busy: vesta stress pins its CPUs for 30 s")
-        failures += _vesta(desk, "stress", "0", "30") != 0
-        _until(lambda: _cpu_pct(desk) >= 80, timeout=10)
-        _say("a small job now spills from the busy desk to an idle peer, with the same digest")
-        failures += _vesta(desk, "cpu", "2") != 0
-        failures += _vesta(desk, "why") != 0
-        _until(lambda: _seen_idle(desk, names["pi4"]), timeout=10)  # laptop's job has ended
-        _say("a command goes only where commands are allowed (pi4), and says where it ran")
-        failures += _vesta(desk, "exec", "--", "sh", "-c", 'echo "hello from $VESTA_NODE"') != 0
-        failures += _vesta(desk, "why") != 0
-        failures += _vesta(desk, "stop-stress") != 0
+        with signals_interrupt():  # SIGTERM and SIGHUP stop the demo as Ctrl-C does
+            for role in ROLES:
+                daemons[role] = _start(role, names, ports, sockets, pins[role], key_file, work)
+            failures = _show(args.cpu, names, sockets, work, daemons)
+    except KeyboardInterrupt as exc:
+        print("\nvesta-demo: interrupted", file=sys.stderr)
+        code = exits.killed_by(exc.signum) if isinstance(exc, Interrupted) else exits.CANCELLED
+        failures = 0
     finally:
-        failures += _stop(daemons, sockets)
+        failures_stopping = _stop(daemons, sockets)
         shutil.rmtree(work, ignore_errors=True)
+    if code:
+        return code
+    failures += failures_stopping
     if failures:
         print(f"vesta-demo: {failures} step(s) failed", file=sys.stderr)
         return 1
     _say("done: every node stopped, nothing left behind")
     return 0
+
+
+def _start(role: str, names: dict[str, str], ports: dict[str, tuple[int, int]],
+           sockets: dict[str, str], cpus: set[int], key_file: Path,
+           work: Path) -> subprocess.Popen[bytes]:
+    """Start one node: on its CPUs, on loopback, seeded with the others; it gets SIGTERM (and
+    stops cleanly) should the demo itself die."""
+    log = work / f"{role}.log"
+    seeds = ",".join(f"127.0.0.1:{ports[other][1]}" for other in ROLES if other != role)
+    extra = ["-allow-exec"] if role == "pi4" else []
+    _say(f"starting vestad -name {names[role]} on CPU {','.join(map(str, sorted(cpus)))}"
+         f" (log: {log})")
+
+    def child() -> None:
+        os.sched_setaffinity(0, cpus)
+        die_with_parent(signal.SIGTERM)
+
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vesta.apps.vestad", "-name", names[role], "-key-file",
+             str(key_file), "-state-dir", str(work / role), "-socket", sockets[role],
+             "-bind", "127.0.0.1", "-port", str(ports[role][0]), "-dport",
+             str(ports[role][1]), "-seed", seeds, "-advertise-spare", "500", *extra],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=child,
+        )
+
+
+def _show(cpu: int, names: dict[str, str], sockets: dict[str, str], work: Path,
+          daemons: dict[str, subprocess.Popen[bytes]]) -> int:
+    """The demo's steps, once the nodes run; the number of steps that failed."""
+    desk = sockets["desk"]
+    failures = 0
+    for role, daemon in daemons.items():
+        if not _wait_for_socket(daemon, sockets[role], timeout=30):
+            print((work / f"{role}.log").read_text(errors="replace"), file=sys.stderr)
+            print(f"vesta-demo: {role} did not come up", file=sys.stderr)
+            return 1
+    _say("the three nodes find each other (sealed beacons, then sealed links)")
+    if not _until(lambda: all(_linked(sockets[r], 2) for r in ROLES), timeout=15):
+        print("vesta-demo: the nodes did not all link", file=sys.stderr)
+        failures += 1
+    failures += _vesta(desk, "peers") != 0
+    _until(lambda: all(_cpu_pct(sockets[r]) < 50 for r in ROLES), timeout=15)
+    _say(f"a job large enough to split: {cpu} million SHA-256 iterations, handed out in "
+         "chunks as each node finishes its last")
+    failures += _vesta(desk, "cpu", str(cpu)) != 0
+    _say("where each part ran, and why")
+    failures += _vesta(desk, "why") != 0
+    _say("desk gets busy: vesta stress pins its CPUs for 30 s")
+    failures += _vesta(desk, "stress", "0", "30") != 0
+    _until(lambda: _cpu_pct(desk) >= 80, timeout=10)
+    _say("a small job now spills from the busy desk to an idle peer, with the same digest")
+    failures += _vesta(desk, "cpu", "2") != 0
+    failures += _vesta(desk, "why") != 0
+    _until(lambda: _seen_idle(desk, names["pi4"]), timeout=10)  # laptop's job has ended
+    _say("a command goes only where commands are allowed (pi4), and says where it ran")
+    failures += _vesta(desk, "exec", "--", "sh", "-c", 'echo "hello from $VESTA_NODE"') != 0
+    failures += _vesta(desk, "why") != 0
+    failures += _vesta(desk, "stop-stress") != 0
+    return failures
 
 
 def _stop(daemons: dict[str, subprocess.Popen[bytes]], sockets: dict[str, str]) -> int:
