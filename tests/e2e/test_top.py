@@ -34,6 +34,7 @@ from vesta.apps.top import (
     Monitor,
     View,
     cpu_bar,
+    first_change,
     layout,
     move_selection,
     next_sort,
@@ -281,7 +282,15 @@ def test_one_status_request_a_refresh_and_a_clear_word_when_the_daemon_goes(
     assert term.stream.getvalue().endswith(term.exit_fullscreen)  # the screen is given back
 
 
-def test_a_refresh_rewrites_only_the_lines_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_first_changed_cell_counts_characters_and_styles() -> None:
+    assert first_change([("ab", ""), ("cd", "bold")], [("abcd", "")]) == 2  # a style changed
+    assert first_change([("abcdef", "")], [("abc", ""), ("x", "")]) == 3
+    assert first_change([("abc", "")], [("abcdef", "")]) == 3  # longer: from the old end
+    assert first_change([("ab", ""), ("c", "")], [("abc", "")]) is None
+    assert first_change([], [("a", "")]) == 0
+
+
+def test_a_refresh_rewrites_only_the_cells_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("LINES", "24")
     out = io.StringIO()
@@ -300,7 +309,8 @@ def test_a_refresh_rewrites_only_the_lines_that_changed(monkeypatch: pytest.Monk
     again = out.getvalue()
     assert term.clear not in again and "\x1b[2J" not in again
     assert again.count("\x1b[") < first.count("\x1b[") // 5
-    assert term.move_yx(3, 0) in again and term.move_yx(2, 0) not in again  # bravo's row only
+    assert again.startswith("\x1b[4;") and "\x1b[3;" not in again  # bravo's row only,
+    assert term.move_yx(3, 0) not in again  # from its first changed cell on
     out.truncate(0), out.seek(0)
     monkeypatch.setenv("COLUMNS", "100")  # a resize: the one time the screen is cleared
     monitor.draw()

@@ -617,6 +617,21 @@ def _clip(row: Row, width: int) -> Row:
     return [(text.translate(_CONTROL), style) for text, style in _slice(row, 0, max(0, width))]
 
 
+def first_change(old: Row, new: Row) -> int | None:
+    """The first column where ``new`` differs from ``old`` in a character or its style (the
+    end of the shorter, where one is longer); None where they are the same."""
+    cells_old = [(c, style) for text, style in old for c in text]
+    cells_new = [(c, style) for text, style in new for c in text]
+    if cells_old == cells_new:
+        return None
+    at = 0
+    for a, b in zip(cells_old, cells_new, strict=False):
+        if a != b:
+            break
+        at += 1
+    return at
+
+
 def paint(row: Row, palette: Palette) -> str:
     """One row as a string: each styled run between its sequences and the terminal's normal."""
     out = []
@@ -641,7 +656,7 @@ class Monitor:
         self.interval = interval
         self.palette = palette_for(term, colour)
         self.view = View(updated=time.time())
-        self.shown: list[str] = []  # the lines on the screen now
+        self.shown: list[Row] = []  # the rows on the screen now
         self.size = (0, 0)
 
     def run(self) -> int:
@@ -694,8 +709,9 @@ class Monitor:
         return True
 
     def draw(self) -> None:
-        """Write the lines of the new frame that differ from those on the screen; clear the whole
-        screen only when its size changed."""
+        """Write the cells of the new frame that differ from those on the screen: on each line
+        that changed, from its first changed cell on; clear the whole screen only when its size
+        changed."""
         term = self.term
         size = (term.width, term.height)
         out = []
@@ -703,15 +719,19 @@ class Monitor:
             self.size, self.shown = size, []
             out.append(term.normal + term.clear)
         width, height = size
-        lines = render(self.doc, width, height, self.view, self.palette)
-        for y, line in enumerate(lines):
-            if y < len(self.shown) and self.shown[y] == line:
+        rows = [_clip(row, width) for row in layout(self.doc, width, height, self.view)]
+        for y, row in enumerate(rows):
+            old = self.shown[y] if y < len(self.shown) else []
+            start = first_change(old, row)
+            if start is None:
                 continue
             # clearing the rest of a full line would erase its last column: the cursor stays there
-            tail = term.clear_eol if term.length(line) < width else ""
-            out.append(term.move_yx(y, 0) + line + tail)
-        out += [term.move_yx(y, 0) + term.clear_eol for y in range(len(lines), len(self.shown))]
-        self.shown = lines
+            shorter = not old or _width(row) < _width(old)  # what was there must go
+            tail = term.clear_eol if shorter and _width(row) < width else ""
+            out.append(term.move_yx(y, start) + paint(_slice(row, start, width), self.palette)
+                       + tail)
+        out += [term.move_yx(y, 0) + term.clear_eol for y in range(len(rows), len(self.shown))]
+        self.shown = rows
         if out:
             term.stream.write("".join(out))
             term.stream.flush()
