@@ -141,7 +141,7 @@ def next_sort(view: View) -> None:
 def render(doc: dict[str, Any], width: int, height: int, view: View,
            palette: Palette = PLAIN) -> list[str]:
     """The screen as at most ``height`` lines of at most ``width`` columns each, painted with
-    ``palette``. Pure: a loop around it only writes the lines that differ from the last frame."""
+    ``palette``: what the monitor paints, cell by cell, from :func:`layout`'s rows. Pure."""
     return [paint(row, palette) for row in layout(doc, width, height, view)]
 
 
@@ -645,8 +645,8 @@ def paint(row: Row, palette: Palette) -> str:
 
 
 class Monitor:
-    """The thin loop around :func:`render`: asks the daemon for its status once a refresh on one
-    connection, reads keys, and writes to the terminal only the lines that changed."""
+    """The thin loop around :func:`layout`: asks the daemon for its status once a refresh on one
+    connection, reads keys, and writes to the terminal only the cells that changed."""
 
     def __init__(self, term: Any, client: Client, doc: dict[str, Any], interval: float,
                  colour: bool) -> None:
@@ -719,7 +719,7 @@ class Monitor:
             self.size, self.shown = size, []
             out.append(term.normal + term.clear)
         width, height = size
-        rows = [_clip(row, width) for row in layout(self.doc, width, height, self.view)]
+        rows = layout(self.doc, width, height, self.view)  # clipped to the width
         for y, row in enumerate(rows):
             old = self.shown[y] if y < len(self.shown) else []
             start = first_change(old, row)
