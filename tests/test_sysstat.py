@@ -201,6 +201,19 @@ def test_gpu_with_a_render_node(root: Path) -> None:
     assert Sysstat(root, cpus={0}).has_gpu() is True
 
 
+@pytest.mark.parametrize(("driver", "gpu"), [("amdgpu", True), ("i915", True), ("v3d", False),
+                                             ("virtio_gpu", False)])
+def test_a_render_node_is_a_gpu_unless_a_vm_display_or_a_boards_video_core(
+        root: Path, driver: str, gpu: bool) -> None:
+    """A Raspberry Pi 4's v3d, or a virtual machine's display, has a render node and no GPU
+    that an ``exec --gpu`` job could use."""
+    node = root / "sys/class/drm/renderD128"
+    (node / "device").mkdir(parents=True)
+    (root / "drivers" / driver).mkdir(parents=True)
+    (node / "device" / "driver").symlink_to(root / "drivers" / driver)
+    assert Sysstat(root, cpus={0}).has_gpu() is gpu
+
+
 def test_no_gpu_without_a_render_node(root: Path) -> None:
     (root / "sys/class/drm/renderD128").rmdir()
     assert Sysstat(root, cpus={0}).has_gpu() is False

@@ -168,13 +168,30 @@ class Sysstat:
         return temps
 
     def has_gpu(self) -> bool:
-        """Whether the machine has a GPU: an NVIDIA device or a DRM render node."""
+        """Whether the machine has a GPU a job could compute on: an NVIDIA device, or a DRM
+        render node of a driver other than those of a virtual machine's display or a small
+        board's video core (a Raspberry Pi's v3d has a render node too)."""
         if self._gpu is None:
-            drm = _listdir(self.root / "sys/class/drm")
+            drm = self.root / "sys/class/drm"
             self._gpu = (self.root / "dev/nvidia0").exists() or any(
-                d.startswith("renderD") for d in drm
+                name.startswith("renderD") and _driver(drm / name) not in NOT_COMPUTE_GPUS
+                for name in _listdir(drm)
             )
         return self._gpu
+
+
+#: DRM drivers whose render node is no GPU to compute on: virtual machines' displays, and the
+#: video cores of small boards (a Raspberry Pi's vc4 and v3d).
+NOT_COMPUTE_GPUS = frozenset({"v3d", "vc4", "virtio_gpu", "virtio-gpu", "vmwgfx", "qxl", "bochs",
+                              "bochs-drm", "cirrus", "vkms", "simpledrm"})
+
+
+def _driver(node: Path) -> str:
+    """The kernel driver of a DRM node ("" where /sys does not say)."""
+    try:
+        return os.path.basename(os.readlink(node / "device" / "driver"))
+    except OSError:
+        return ""
 
 
 def _listdir(path: Path) -> list[str]:
