@@ -275,7 +275,13 @@ def _twins(daemon: dict[str, Any]) -> Check:
 def _seeds(daemon: dict[str, Any]) -> Check:
     if not daemon["seeds"]:
         return Check("seeds", True, "no seeds given (nodes beyond this subnet need -seed)")
-    silent = [s["seed"] for s in daemon["seed_status"] if not s["answered"]]
+    unknown = [s["seed"] for s in daemon["seed_status"] if s.get("unresolved")]
+    silent = [s["seed"] for s in daemon["seed_status"]
+              if not s["answered"] and not s.get("unresolved")]
+    if unknown:
+        return Check("seeds", False, f"{', '.join(unknown)}: the name does not resolve"
+                     + (f"; no answer from {', '.join(silent)}" if silent else ""),
+                     "check the name (or give the address), and this machine's DNS")
     if silent:
         return Check("seeds", False, f"no answer from {', '.join(silent)}",
                      "check that vestad runs there with the same key, that the address and UDP "

@@ -480,6 +480,23 @@ def test_doctor_is_told_of_one_fingerprint_from_two_machines(start: Any) -> None
     assert doctor_facts(disco)["twins"] == {peer.fingerprint: [HOST, "192.0.2.9"]}
 
 
+def test_doctor_is_told_which_seed_names_do_not_resolve(wiring: Wiring, loop: IoLoop) -> None:
+    identity = new_identity()
+    config = build_config({"key": "q7Tz-discovery-test-Kx42", "name": "n1",
+                           "seed": ["127.0.0.1:7778", "no-such-host.invalid:7778"]}, env={})
+    ref = Discovery.start(wiring.counters, wiring.links, loop, None, KEYS, identity, config, 3,
+                          node_info("n1", identity.fingerprint))
+    disco = Disco(ref, wiring, identity, config)
+
+    def reported() -> list[dict[str, Any]]:
+        status: list[dict[str, Any]] = doctor_facts(disco)["seed_status"]
+        return status if any(s.get("unresolved") for s in status) else []
+
+    status = wait_for(reported, timeout=20, what="the resolver to give up on the name")
+    assert {"seed": "no-such-host.invalid:7778", "answered": False, "unresolved": True} in status
+    assert {"seed": "127.0.0.1:7778", "answered": False} in status
+
+
 def test_doctor_is_told_which_seeds_answered(start: Any) -> None:
     disco = start()
     disco.ref.tell(SeedsResolved([[HOST, 7778], ["192.0.2.99", 7778]]))

@@ -345,7 +345,8 @@ class Discovery(VestaActor):
             "seeds": list(self.config.seed),
             "seed_status": [{"seed": f"{host}:{port}", "answered": host in heard}
                             for host, port in self.seeds]
-            + [{"seed": seed, "answered": False} for seed in self.config.seed[len(self.seeds):]],
+            + [{"seed": seed, "answered": False, "unresolved": True}
+               for seed in self.resolver.unresolved],
             "suspends": self.suspends, "clock_steps": self.clock_steps,
         }
 
@@ -536,6 +537,7 @@ class Resolver(threading.Thread):
         super().__init__(name="vesta-resolver", daemon=True)
         self.seeds = seeds
         self.tell = tell
+        self.unresolved: list[str] = []  # the seeds whose names did not resolve last time
         self._stopped = threading.Event()
 
     def run(self) -> None:
@@ -543,14 +545,17 @@ class Resolver(threading.Thread):
             return
         while True:
             found: list[list[Any]] = []
+            unresolved = []
             for seed in self.seeds:
                 host, _, port = seed.rpartition(":")
                 try:
                     infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)
                 except OSError as exc:
                     logger.warning("seed %s: %s", seed, exc)
+                    unresolved.append(seed)
                     continue
                 found += [[info[4][0], info[4][1]] for info in infos[:1]]
+            self.unresolved = unresolved  # read by vesta doctor, in the actor's thread
             self.tell(SeedsResolved(found))
             if self._stopped.wait(RESOLVE_EVERY_S if found else 2.0):
                 return
