@@ -4,6 +4,8 @@ fails, with a fix, on the fault it is there for."""
 from __future__ import annotations
 
 import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ def healthy(**changes: Any) -> dict[str, Any]:
         "key": {"source": "key file", "length": 43, "variety": 30, "file": "/k",
                 "file_mode": 0o600},
         "state_dir": "/home/u/.local/state/vesta", "socket": "/tmp/vestad-desk.sock",
-        "modes": {"/home/u/.local/state/vesta": 0o700, "/tmp/vestad-desk.sock": 0o600,
+        "modes": {"/home/u/.local/state/vesta": DIR | 0o700, "/tmp/vestad-desk.sock": 0o600,
                   "/home/u/.local/state/vesta/vestad-identity-desk.json": 0o600},
         "networks": [{"interface": "eth0", "address": "192.168.1.10",
                       "broadcast": "192.168.1.255"}],
@@ -32,6 +34,8 @@ def healthy(**changes: Any) -> dict[str, Any]:
     facts.update(changes)
     return facts
 
+
+DIR = stat.S_IFDIR  # a mode's directory bit, as path_modes gives it
 
 LOCAL: dict[str, Any] = {
     "networks": [{"interface": "eth0", "address": "192.168.1.10", "broadcast": "192.168.1.255"}],
@@ -82,7 +86,7 @@ FAULTS = [
     pytest.param({"key": {"source": "key file", "length": 43, "variety": 30, "file": "/k",
                           "file_mode": 0o644}}, "key", "readable by others", "chmod 600 /k",
                  id="key file open"),
-    pytest.param({"modes": {"/s": 0o777, "/s/vestad-ledger-desk.json": 0o644}}, "files",
+    pytest.param({"modes": {"/s": DIR | 0o777, "/s/vestad-ledger-desk.json": 0o644}}, "files",
                  "/s (mode 777)", "chmod 700 /s; chmod 600 /s/vestad-ledger-desk.json",
                  id="loose files"),
     pytest.param({"networks": [], "advertise": "192.168.1.10"}, "interfaces",
@@ -168,7 +172,13 @@ def test_local_facts_read_this_machine(tmp_path: Path) -> None:
     (state / "vestad-identity-x.json").write_text("{}")
     facts = local_facts(str(state))
     assert facts["state_dir"] == str(state)
-    assert facts["modes"][str(state)] == 0o755 & ~_umask_bits()
+    assert facts["modes"][str(state)] == DIR | 0o755 & ~_umask_bits()
+    sock = tmp_path / "control"  # a socket by any name is checked as a file
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        sock.chmod(0o644)
+        found = checks(healthy(modes=path_modes(sock)), LOCAL)
+    assert "chmod 600" in verdict(found, "files").fix
     assert set(facts["free_ports"]) == {"tcp", "udp"}
     assert path_modes(tmp_path / "missing") == {str(tmp_path / "missing"): None}
 

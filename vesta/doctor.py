@@ -69,7 +69,8 @@ def path_modes(*paths: str | Path) -> dict[str, int | None]:
     modes: dict[str, int | None] = {}
     for path in paths:
         try:
-            modes[str(path)] = stat.S_IMODE(os.stat(path).st_mode)
+            mode = os.stat(path).st_mode  # the permissions, and whether it is a directory
+            modes[str(path)] = stat.S_IMODE(mode) | (stat.S_IFDIR if stat.S_ISDIR(mode) else 0)
         except OSError:
             modes[str(path)] = None
     return modes
@@ -326,9 +327,9 @@ def _files(daemon: dict[str, Any] | None, local: dict[str, Any]) -> Check:
     for path, mode in sorted(modes.items()):
         if mode is None:
             continue
-        is_dir = not path.endswith((".json", ".sock"))
-        if (is_dir and mode & 0o022) or (not is_dir and mode & 0o077):
-            loose.append((path, mode, is_dir))
+        is_dir = stat.S_ISDIR(mode)
+        if mode & (0o022 if is_dir else 0o077):
+            loose.append((path, stat.S_IMODE(mode), is_dir))
     if loose:
         return Check("files", False, "open to other users: " + ", ".join(
             f"{path} (mode {mode:o})" for path, mode, _ in loose), "; ".join(
